@@ -1,0 +1,33 @@
+# The README's two commands: `make setup` then `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-firmware sim bench clean
+
+setup: $(STAMP) build/micropython-lib/.installed.json
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+build/micropython-lib/.installed.json: tools/micropython-deps.json tools/fetch_micropython_deps.py
+	$(BIN)/python tools/fetch_micropython_deps.py
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-firmware: setup
+	$(BIN)/python -m pytest tests/firmware
+
+# The whole system on one machine for a bounded time: server, gateway, 3 boards.
+sim: setup
+	$(BIN)/fleet sim --devices 3 --duration 30 --data-dir build/sim-data
+
+bench: setup
+	$(BIN)/python -m fleet.bench
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,77 @@
+# Board profile: the simulator (MicroPython unix port on Linux).
+#
+# There is no radio, ADC or LED: WiFi is always joined, and the sensors give
+# deterministic synthetic values per device so tests can predict them.
+# The simulator passes per-process facts through the environment:
+#   FLEET_SIM_UNIQUE_ID    hex string standing in for machine.unique_id()
+#   FLEET_SIM_RESET_CAUSE  reset cause to report (default "power_on")
+import math
+import os
+import time
+
+NAME = "sim"
+# The unix port's socket module has no IPPROTO_TCP / TCP_NODELAY constants;
+# these are Linux's values.
+TCP_NODELAY = (6, 1)
+HAS_DISPLAY = False
+
+
+def unique_id():
+    hexid = os.getenv("FLEET_SIM_UNIQUE_ID")
+    if hexid:
+        return bytes(int(hexid[i : i + 2], 16) for i in range(0, len(hexid) - 1, 2))
+    # Stable per flash folder, like a chip id is stable per board.
+    import hashlib
+
+    return hashlib.sha256(os.getcwd().encode()).digest()[:8]
+
+
+def reset_cause():
+    return os.getenv("FLEET_SIM_RESET_CAUSE") or "power_on"
+
+
+def _seed(text):
+    h = 5381
+    for c in text.encode():
+        h = (h * 33 + c) & 0xFFFFFF
+    return h
+
+
+class Board:
+    def __init__(self, device_id):
+        self.device_id = device_id
+        seed = _seed(device_id)
+        # A base temperature between 20.0 and 49.9 C, fixed per device id.
+        self.base_temp = 20 + (seed % 300) / 10
+        self.rssi_dbm = -40 - seed % 40
+        self.led_on = False
+
+    # -- network -----------------------------------------------------------------
+    def wifi_connect(self, ssid, password):
+        pass
+
+    def wifi_isconnected(self):
+        return True
+
+    def wifi_status(self):
+        return "up"
+
+    def wifi_joined(self):
+        pass  # the host clock is already right
+
+    def rssi(self):
+        return self.rssi_dbm
+
+    # -- sensors and outputs -------------------------------------------------------
+    def temperature_c(self):
+        # A slow +-1.5 C wave over 10 minutes around the device's base.
+        t = time.time() % 600
+        return round(self.base_temp + 1.5 * math.sin(t * 2 * math.pi / 600), 2)
+
+    def led(self, on):
+        self.led_on = bool(on)
+
+    # -- time ----------------------------------------------------------------------
+    def time_s(self):
+        # Unix time in seconds, or None before the clock is set.
+        return int(time.time())

@@ -1,0 +1,188 @@
+# The link to the broker: WiFi, MQTT session, keepalive, reconnect.
+#
+# umqtt.simple does the MQTT encoding; this module owns everything about
+# keeping a session alive on a board: a persistent session (clean_session
+# False) so QoS 1 messages wait for us while offline, a retained last will
+# and birth message for presence, our own keepalive pings (umqtt.simple
+# sends none, and nats-server drops a client that is silent for
+# 1.5 x keepalive), and reconnection with capped exponential backoff and
+# jitter so a fleet does not reconnect in lockstep after a broker restart.
+import asyncio
+import random
+from time import ticks_add, ticks_diff, ticks_ms
+
+from umqtt import simple
+from mqttsocket import SocketFactory
+
+# Errors that mean "this connection is unusable": socket errors, a refused
+# or malformed CONNACK (umqtt.simple asserts on it), a short read.
+LINK_ERRORS = (OSError, simple.MQTTException, AssertionError, IndexError, ValueError)
+
+
+def backoff_ms(attempt, low, high):
+    # Full jitter (AWS architecture blog, "Exponential Backoff And Jitter"):
+    # a random delay between low and low * 2**attempt, capped at high.
+    ceiling = low << min(attempt, 16)
+    if ceiling > high:
+        ceiling = high
+    return low + random.getrandbits(24) % (ceiling - low + 1)
+
+
+class Link:
+    def __init__(self, client_id, settings, board, nodelay, status_topic, on_message, log):
+        self.id = client_id
+        self.settings = settings
+        self.board = board
+        self.status_topic = status_topic
+        self.on_message = on_message  # called as on_message(topic, payload, discarded_len)
+        self.log = log
+        self.keepalive_ms = settings["keepalive_s"] * 1000
+        self.sockets = SocketFactory(settings["socket_timeout_ms"], settings["max_payload"], nodelay)
+        self.subscriptions = []  # (topic, qos), restored on every connect
+        self.birth = None  # payload published retained on status_topic after connect
+        self.will = None
+        self.client = None
+        self.sock = None
+        self.connected = False
+        self.up = asyncio.Event()
+        self.connects = 0
+        self.last_error = None
+        self.on_up = None  # called after every (re)connect, once the birth is out
+
+    def subscribe(self, topic, qos=0):
+        self.subscriptions.append((topic, qos))
+
+    # -- publishing, used by the rest of the firmware -------------------------
+
+    def publish(self, topic, payload, retain=False, qos=0):
+        # Returns True once the broker has it (QoS 1: after the PUBACK).
+        # Never raises: a failure takes the link down and returns False.
+        if not self.connected:
+            return False
+        client = self.client
+        try:
+            if qos and client.pid >= 65535:
+                client.pid = 0  # umqtt.simple never wraps its packet id
+            client.publish(topic, payload, retain, qos)
+            self.sock.flush()
+            return True
+        except LINK_ERRORS as e:
+            self._drop(e)
+            return False
+
+    # -- connection lifecycle ---------------------------------------------------
+
+    async def run(self):
+        attempt = 0
+        while True:
+            try:
+                await self._wifi()
+                self._connect()
+                attempt = 0
+                if self.on_up:
+                    self.on_up()
+                await self._serve()
+            except LINK_ERRORS as e:
+                self._drop(e)
+            delay = backoff_ms(attempt, self.settings["reconnect_min_ms"], self.settings["reconnect_max_ms"])
+            attempt += 1
+            self.log("link: down (%s), retry in %d ms" % (self.last_error, delay))
+            await asyncio.sleep_ms(delay)
+
+    async def _wifi(self):
+        board = self.board
+        if board.wifi_isconnected():
+            return
+        self.log("link: joining WiFi %r" % self.settings["wifi_ssid"])
+        board.wifi_connect(self.settings["wifi_ssid"], self.settings["wifi_password"])
+        deadline = ticks_add(ticks_ms(), 20000)
+        while not board.wifi_isconnected():
+            if ticks_diff(deadline, ticks_ms()) <= 0:
+                raise OSError("WiFi: %s" % board.wifi_status())
+            await asyncio.sleep_ms(250)
+        board.wifi_joined()
+
+    def _connect(self):
+        s = self.settings
+        client = simple.MQTTClient(
+            self.id, s["mqtt_host"], s["mqtt_port"], s["mqtt_user"], s["mqtt_password"], s["keepalive_s"]
+        )
+        client.set_callback(self._deliver)
+        if self.will:
+            client.set_last_will(self.status_topic, self.will, True, 1)
+        simple.socket = self.sockets  # see SocketFactory: bounded connect, TCP_NODELAY
+        self.client = client
+        self.sock = None
+        self.sockets.last = None
+        try:
+            client.connect(False)
+        finally:
+            self.sock = self.sockets.last
+        self.connected = True
+        if self.birth:
+            client.publish(self.status_topic, self.birth, True, 1)
+        for topic, qos in self.subscriptions:
+            client.subscribe(topic, qos)
+        self.sock.flush()
+        self.connects += 1
+        self.up.set()
+        self.log("link: up (%s:%d)" % (s["mqtt_host"], s["mqtt_port"]))
+
+    async def _serve(self):
+        # Wait for the broker without blocking the loop; read each packet
+        # through umqtt.simple once its first byte is here; ping when quiet.
+        sock = self.sock
+        stream = asyncio.StreamReader(sock.sock)
+        ping_every = self.keepalive_ms // 2
+        ping_sent = None
+        last_ping = ticks_ms()
+        while self.connected:
+            try:
+                first = await asyncio.wait_for_ms(stream.read(1), ping_every)
+            except asyncio.TimeoutError:
+                first = None
+            if not self.connected:
+                return
+            if first is not None:
+                if not first:
+                    raise OSError("closed by broker")
+                sock.first = first
+                op = self.client.wait_msg()
+                if op and op & 0xF0 != 0x30:
+                    sock.skip_packet()
+            now = ticks_ms()
+            if ticks_diff(now, last_ping) >= ping_every:
+                if ping_sent is not None and ticks_diff(sock.rx_ticks, ping_sent) < 0:
+                    raise OSError("no answer to ping in %d ms" % ticks_diff(now, ping_sent))
+                self.client.ping()
+                sock.flush()
+                ping_sent = last_ping = now
+
+    def _deliver(self, topic, payload):
+        # Runs inside umqtt.simple's read; hand over and return quickly.
+        discarded = self.sock.discarded
+        self.sock.discarded = 0
+        self.on_message(topic, payload, discarded)
+
+    def _drop(self, error):
+        self.last_error = error
+        self.connected = False
+        self.up.clear()
+        if self.sock:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.sock = None
+
+    def close(self):
+        # Orderly goodbye: the broker does not send the last will after a
+        # DISCONNECT, so say offline first.
+        if self.connected:
+            if self.will:
+                self.publish(self.status_topic, self.will, True, 1)
+            try:
+                self.client.disconnect()
+            except LINK_ERRORS:
+                pass
+        self._drop("closed")

@@ -1,0 +1,185 @@
+# The socket umqtt.simple talks through.
+#
+# umqtt.simple writes each packet in several small writes and reads with
+# plain blocking calls. This wrapper gives it what a board on a flaky link
+# needs without changing the library:
+# - one write per packet: writes are gathered and sent when umqtt.simple
+#   next reads, or when the link calls flush(), so Nagle's algorithm (on by
+#   default in lwIP) never holds back the tail of a packet;
+# - every read and write is bounded by a deadline (the real socket is
+#   non-blocking and waited on with poll), so a black-holed link raises
+#   OSError instead of hanging the board;
+# - payloads larger than max_read are drained and discarded, not allocated.
+import errno
+import select
+import socket
+from time import ticks_add, ticks_diff, ticks_ms
+
+_POLLIN = select.POLLIN
+_POLLOUT = select.POLLOUT
+
+
+class PacketSocket:
+    def __init__(self, timeout_ms, max_read, nodelay=None):
+        self.sock = socket.socket()
+        self.timeout_ms = timeout_ms
+        self.max_read = max_read
+        self.nodelay = nodelay  # (level, option) from the board profile, or None
+        self.poller = select.poll()
+        self.out = bytearray(128)
+        self.n = 0  # bytes gathered in self.out, not yet sent
+        self.blocking = True
+        self.first = None  # first byte of a packet, already read by the link
+        self.discarded = 0  # size of the last payload dropped for being too large
+        self.rx_ticks = ticks_ms()
+
+    # Called by umqtt.simple.connect(), which builds the socket through us.
+    def connect(self, addr):
+        s = self.sock
+        s.settimeout(self.timeout_ms / 1000)  # bounds the TCP handshake
+        if self.nodelay:
+            try:
+                s.setsockopt(self.nodelay[0], self.nodelay[1], 1)
+            except OSError:
+                self.nodelay = None  # the port has no TCP_NODELAY: single writes still help
+        s.connect(addr)
+        s.setblocking(False)
+        self.poller.register(s, _POLLIN)
+
+    def setblocking(self, flag):
+        # umqtt.simple toggles this around check_msg(); the real socket stays
+        # non-blocking and our deadlines do the waiting.
+        self.blocking = flag
+
+    def write(self, buf, n=-1):
+        if isinstance(buf, str):  # umqtt.simple passes the client id and credentials as given
+            buf = buf.encode()
+        if n < 0:
+            n = len(buf)
+        end = self.n + n
+        if end > len(self.out):
+            grown = bytearray(max(end, 2 * len(self.out)))
+            grown[: self.n] = self.out[: self.n]
+            self.out = grown
+        self.out[self.n : end] = memoryview(buf)[:n]
+        self.n = end
+        return n
+
+    def flush(self):
+        if not self.n:
+            return
+        mv = memoryview(self.out)
+        sent = 0
+        deadline = ticks_add(ticks_ms(), self.timeout_ms)
+        while sent < self.n:
+            k = self.sock.write(mv[sent : self.n])
+            if k is None:  # send buffer full
+                self._wait(_POLLOUT, deadline)
+            else:
+                sent += k
+        self.n = 0
+
+    def read(self, n):
+        self.flush()
+        if self.first is not None:
+            first = self.first
+            self.first = None
+            return first
+        if not self.blocking:
+            # check_msg(): answer at once when nothing is waiting.
+            data = self.sock.read(n)
+            if data:
+                self.rx_ticks = ticks_ms()
+            return data
+        if n > self.max_read:
+            return self._discard(n)
+        deadline = ticks_add(ticks_ms(), self.timeout_ms)
+        buf = None
+        while True:
+            data = self.sock.read(n if buf is None else n - len(buf))
+            if data is None:
+                self._wait(_POLLIN, deadline)
+                continue
+            if not data:
+                if buf is None and n == 1:
+                    return data  # umqtt.simple turns this into OSError(-1)
+                raise OSError(errno.ECONNRESET)
+            self.rx_ticks = ticks_ms()
+            if buf is None:
+                if len(data) == n:
+                    return data  # the usual case: no copy
+                buf = bytearray(data)
+            else:
+                buf.extend(data)
+            if len(buf) == n:
+                return bytes(buf)
+
+    def skip_packet(self):
+        # umqtt.simple returns the type of a packet it does not handle
+        # (SUBACK, a stale PUBACK) without reading its body; drop the body so
+        # the stream stays in step.
+        n = 0
+        shift = 0
+        while True:
+            b = self.read(1)[0]
+            n |= (b & 0x7F) << shift
+            if not b & 0x80:
+                break
+            shift += 7
+        if n:
+            self._discard(n)
+            self.discarded = 0
+
+    def _discard(self, n):
+        scratch = bytearray(min(n, 256))
+        left = n
+        deadline = ticks_add(ticks_ms(), self.timeout_ms)
+        while left:
+            k = self.sock.readinto(scratch, min(left, len(scratch)))
+            if k is None:
+                self._wait(_POLLIN, deadline)
+            elif k == 0:
+                raise OSError(errno.ECONNRESET)
+            else:
+                left -= k
+                self.rx_ticks = ticks_ms()
+        self.discarded = n
+        return b""
+
+    def _wait(self, event, deadline):
+        left = ticks_diff(deadline, ticks_ms())
+        if left <= 0:
+            raise OSError(errno.ETIMEDOUT)
+        self.poller.modify(self.sock, event)
+        ready = self.poller.poll(left)
+        self.poller.modify(self.sock, _POLLIN)
+        if not ready:
+            raise OSError(errno.ETIMEDOUT)
+
+    def close(self):
+        try:
+            self.flush()
+        except OSError:
+            pass
+        try:
+            self.poller.unregister(self.sock)
+        except (OSError, ValueError, KeyError):
+            pass
+        self.sock.close()
+
+
+class SocketFactory:
+    # Stands in for the `socket` module inside umqtt.simple, whose connect()
+    # creates its own socket with no timeout and no TCP_NODELAY.
+    def __init__(self, timeout_ms, max_read, nodelay):
+        self.timeout_ms = timeout_ms
+        self.max_read = max_read
+        self.nodelay = nodelay
+        self.last = None
+
+    def socket(self):
+        self.last = PacketSocket(self.timeout_ms, self.max_read, self.nodelay)
+        return self.last
+
+    def getaddrinfo(self, host, port):
+        return socket.getaddrinfo(host, port)

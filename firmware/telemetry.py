@@ -1,0 +1,36 @@
+# Periodic readings: the board's sensors plus the device's own health.
+import asyncio
+import gc
+from time import ticks_add, ticks_diff, ticks_ms
+
+
+class Telemetry:
+    def __init__(self, device, interval_ms):
+        self.device = device
+        self.interval_ms = interval_ms
+
+    def sample(self):
+        device = self.device
+        board = device.board
+        gc.collect()  # so heap_free is what is really free, comparable over time
+        reading = {
+            "temp_c": board.temperature_c(),
+            "uptime_s": ticks_diff(ticks_ms(), device.started) // 1000,
+            "heap_free": gc.mem_free(),
+        }
+        rssi = board.rssi()
+        if rssi is not None:
+            reading["rssi"] = rssi
+        return reading
+
+    async def run(self):
+        # Fixed-rate schedule: a slow publish does not push later readings back.
+        due = ticks_ms()
+        while True:
+            self.device.record(self.sample())
+            due = ticks_add(due, self.interval_ms)
+            wait = ticks_diff(due, ticks_ms())
+            if wait < 0:  # fell behind (a long reconnect): start afresh
+                due = ticks_ms()
+                wait = 0
+            await asyncio.sleep_ms(wait)
