@@ -25,7 +25,8 @@ class DeviceState:
         self.boots = 0
         self.seq = 0  # next sequence number to hand out
         self.seq_limit = 0  # first number not covered by the persisted reservation
-        self.warning = None
+        self.warning = None  # a problem found at boot, for the console
+        self.save_error = None  # why the last save failed, if it did
         try:
             with open(path) as f:
                 saved = json.load(f)
@@ -54,7 +55,7 @@ class DeviceState:
         except OSError as e:
             # Full or failing flash: keep counting in RAM and try again at the
             # next reading, rather than stop recording.
-            self.warning = "%s not saved (%s)" % (self.path, e)
+            self.save_error = "%s not saved (%s)" % (self.path, e)
             return
         self.seq_limit = limit
-        self.warning = None
+        self.save_error = None

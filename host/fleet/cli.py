@@ -46,7 +46,12 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    import asyncio
+
+    from .simsession import SimOptions, run_simulation
+
+    options = SimOptions(devices=args.devices, data_dir=Path(args.data_dir), mqtt=args.mqtt, duration=args.duration)
+    return asyncio.run(run_simulation(options))
 
 
 def build_parser() -> argparse.ArgumentParser:

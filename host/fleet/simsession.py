@@ -1,0 +1,126 @@
+"""`fleet sim`: the whole system on one machine, with a live table.
+
+Without --mqtt it starts the embedded nats-server and the gateway itself;
+with --mqtt it only runs the boards against that broker. Ctrl-C, SIGTERM
+or --duration stop everything it started, boards first.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from .gateway import Gateway, GatewayConfig
+from .observe import FleetObserver
+from .server import NatsServer
+from .simulator import Simulator
+
+
+@dataclass
+class SimOptions:
+    devices: int
+    data_dir: Path
+    mqtt: str | None = None
+    duration: float | None = None
+    refresh: float = 1.0
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f}s ago" if seconds >= 1 else "now"
+
+
+def render_table(sim: Simulator, observer: FleetObserver) -> str:
+    now = time.time()
+    rows = [("DEVICE", "PROCESS", "ONLINE", "LAST TELEMETRY", "SEQ", "TEMP C", "HEAP FREE")]
+    for device_id, device in sorted(sim.devices.items()):
+        view = observer.device(device_id)
+        reading = view.last_reading or {}
+        rows.append(
+            (
+                device_id,
+                f"pid {device.pid}" if device.running else "stopped",
+                {True: "yes", False: "no", None: "-"}[view.online],
+                _age(now - view.last_seen if view.last_seen else None),
+                str(reading.get("seq", "-")),
+                str(reading.get("temp_c", "-")),
+                str(reading.get("heap_free", "-")),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+async def run_simulation(options: SimOptions, out: TextIO = sys.stdout) -> int:
+    data_dir = Path(options.data_dir)
+    server: NatsServer | None = None
+    gateway: Gateway | None = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if options.mqtt:
+            host, port = parse_host_port(options.mqtt)
+        else:
+            server = NatsServer(data_dir / "server")
+            server.start()
+            host, port = server.host, server.mqtt_port
+            gateway = Gateway(GatewayConfig(nats_url=server.url))
+            await gateway.start()
+            print(f"nats-server: NATS {server.url}  MQTT mqtt://{host}:{port}", file=out)
+            print(f"try: FLEET_NATS_URL={server.url} fleet devices", file=out)
+        sim = Simulator(data_dir, host, port)
+        observer = FleetObserver(host, port, client_id=f"fleet-sim-{os.getpid()}")
+        observer.start()
+        try:
+            sim.start_fleet(options.devices)
+            print(f"started {options.devices} simulated boards; flash folders in {data_dir / 'devices'}", file=out)
+            await _show(sim, observer, options, stop, out)
+        finally:
+            sim.stop_all()
+            observer.stop()
+        online = sum(1 for d in sim.devices if observer.device(d).online)
+        print(f"stopped: {online}/{len(sim.devices)} boards were online at the end", file=out)
+        return 0
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if gateway:
+            await gateway.stop()
+        if server:
+            server.stop()
+
+
+async def _show(sim: Simulator, observer: FleetObserver, options: SimOptions, stop: asyncio.Event, out: TextIO) -> None:
+    started = time.monotonic()
+    live = out.isatty()
+    last_print = 0.0
+    while not stop.is_set():
+        elapsed = time.monotonic() - started
+        if options.duration is not None and elapsed >= options.duration:
+            break
+        # On a terminal, redraw in place every refresh; in a log, every 5 s.
+        if live or elapsed - last_print >= 5:
+            table = render_table(sim, observer)
+            prefix = "\x1b[H\x1b[2J" if live else ""
+            print(f"{prefix}fleet sim: {elapsed:.0f}s\n{table}\n", file=out, flush=True)
+            last_print = elapsed
+        try:
+            await asyncio.wait_for(stop.wait(), options.refresh)
+        except asyncio.TimeoutError:
+            pass
+    print(render_table(sim, observer), file=out, flush=True)

@@ -1,0 +1,198 @@
+"""Simulated boards: the real firmware, unchanged, in the MicroPython unix port.
+
+Each device is one `micropython` process running firmware/main.py with the
+`boards/sim` profile, its working folder standing in for the board's flash
+(settings.json, state.json and whatever the firmware writes survive a
+restart of that device). Devices reach the broker through the MQTT host and
+port written into their settings; the simulator rewrites those two fields
+at every start, and keeps the rest (the device id above all).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .paths import FIRMWARE_DIR, micropython_executable, micropython_path
+
+DEFAULT_HEAP = "128k"
+
+
+def sim_device_id(index: int) -> str:
+    return f"sim-{index:03d}"
+
+
+def sim_unique_id(device_id: str) -> str:
+    """A stable stand-in for machine.unique_id(), 8 bytes as hex."""
+    return hashlib.sha256(device_id.encode()).hexdigest()[:16]
+
+
+@dataclass
+class SimDevice:
+    device_id: str
+    flash_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+@dataclass
+class Simulator:
+    """A set of simulated boards sharing one broker."""
+
+    data_dir: Path
+    mqtt_host: str
+    mqtt_port: int
+    heap: str = DEFAULT_HEAP
+    board: str = "sim"
+    firmware_dir: Path = FIRMWARE_DIR
+    settings_defaults: dict[str, Any] = field(default_factory=dict)
+    devices: dict[str, SimDevice] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+
+    # -- provisioning -------------------------------------------------------------
+    def add(self, device_id: str, **settings: Any) -> SimDevice:
+        """Create (or reuse) a device's flash folder and write its settings."""
+        flash = self.data_dir / "devices" / device_id
+        flash.mkdir(parents=True, exist_ok=True)
+        device = self.devices.get(device_id) or SimDevice(device_id, flash, self.data_dir / "logs" / f"{device_id}.log")
+        device.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.devices[device_id] = device
+        current = self.read_settings(device_id)
+        merged = {
+            "device_id": device_id,
+            "wifi_ssid": "simnet",
+            **self.settings_defaults,
+            **current,
+            **settings,
+            "mqtt_host": self.mqtt_host,
+            "mqtt_port": self.mqtt_port,
+        }
+        self.write_settings(device_id, merged)
+        return device
+
+    def settings_path(self, device_id: str) -> Path:
+        return self.data_dir / "devices" / device_id / "settings.json"
+
+    def read_settings(self, device_id: str) -> dict[str, Any]:
+        try:
+            loaded = json.loads(self.settings_path(device_id).read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
+
+    def write_settings(self, device_id: str, settings: dict[str, Any] | str) -> None:
+        """Write settings.json as given: a dict, or raw text (tests write bad files)."""
+        text = settings if isinstance(settings, str) else json.dumps(settings, indent=1)
+        self.settings_path(device_id).write_text(text)
+
+    # -- processes ------------------------------------------------------------------
+    def environment(self, device: SimDevice, reset_cause: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env["MICROPYPATH"] = micropython_path(self.board, self.firmware_dir)
+        env["FLEET_SIM_UNIQUE_ID"] = sim_unique_id(device.device_id)
+        env["FLEET_SIM_RESET_CAUSE"] = reset_cause
+        return env
+
+    def start(self, device_id: str, reset_cause: str = "power_on") -> SimDevice:
+        device = self.devices.get(device_id) or self.add(device_id)
+        if device.running:
+            return device
+        with device.log_path.open("ab") as log:
+            device.process = subprocess.Popen(
+                [micropython_executable(), "-X", f"heapsize={self.heap}", "-c", "import main"],
+                cwd=device.flash_dir,
+                env=self.environment(device, reset_cause),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches the simulator, which stops the boards
+            )
+        device.starts += 1
+        return device
+
+    def start_fleet(self, count: int, **settings: Any) -> list[SimDevice]:
+        devices = [self.add(sim_device_id(i), **settings) for i in range(1, count + 1)]
+        for device in devices:
+            self.start(device.device_id)
+        return devices
+
+    def kill(self, device_id: str) -> None:
+        """Pull the plug: SIGKILL, no goodbye (the broker sends the last will)."""
+        self._signal(device_id, signal.SIGKILL)
+
+    def freeze(self, device_id: str) -> None:
+        """Stop the process without closing its socket: a hung board."""
+        self._signal(device_id, signal.SIGSTOP, wait=False)
+
+    def thaw(self, device_id: str) -> None:
+        self._signal(device_id, signal.SIGCONT, wait=False)
+
+    def power_cycle(self, device_id: str) -> SimDevice:
+        self.kill(device_id)
+        return self.start(device_id, reset_cause="power_on")
+
+    def stop(self, device_id: str, timeout: float = 5.0) -> None:
+        device = self.devices[device_id]
+        if not device.running or device.process is None:
+            return
+        device.process.send_signal(signal.SIGCONT)
+        device.process.terminate()
+        try:
+            device.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            device.process.kill()
+            device.process.wait()
+
+    def stop_all(self) -> None:
+        for device_id in list(self.devices):
+            self.stop(device_id)
+
+    def _signal(self, device_id: str, sig: signal.Signals, wait: bool = True) -> None:
+        device = self.devices[device_id]
+        if device.process is None or device.process.poll() is not None:
+            return
+        device.process.send_signal(sig)
+        if wait:
+            device.process.wait()
+
+    # -- observation ----------------------------------------------------------------
+    def wait_for_log(self, device_id: str, needle: str, timeout: float = 10.0, count: int = 1) -> str:
+        """Wait until the device's console shows `needle` (count times); return the log."""
+        deadline = time.monotonic() + timeout
+        device = self.devices[device_id]
+        while True:
+            text = device.log_text()
+            if text.count(needle) >= count:
+                return text
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{device_id}: {needle!r} not seen {count}x within {timeout} s; log:\n{text[-3000:]}")
+            time.sleep(0.02)
+
+    def __enter__(self) -> "Simulator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()

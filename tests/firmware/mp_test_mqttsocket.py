@@ -1,0 +1,118 @@
+# PacketSocket under umqtt.simple: exact bytes, one write per packet,
+# bounded reads, oversize payloads dropped without losing the stream.
+import errno
+import socket
+from time import ticks_diff, ticks_ms
+
+from fakes import ScriptedSocket, assert_raises, packet_socket, publish_packet
+from umqtt.simple import MQTTClient
+
+
+def client_over(sock):
+    client = MQTTClient("dev-1", "broker")
+    client.sock = sock
+    return client
+
+
+def test_qos0_publish_is_a_single_write_with_exact_bytes():
+    sock = packet_socket()
+    client_over(sock).publish(b"t/x", b"hi")
+    sock.flush()
+    assert sock.sock.writes == [b"\x30\x07\x00\x03t/xhi"], sock.sock.writes
+
+
+def test_qos1_publish_is_sent_whole_before_waiting_for_puback():
+    sock = packet_socket(b"\x40\x02\x00\x01")
+    client_over(sock).publish(b"t/x", b"hi", False, 1)
+    assert sock.sock.writes == [b"\x32\x09\x00\x03t/x\x00\x01hi"], sock.sock.writes
+
+
+def test_pingreq_is_two_bytes_and_counts_as_one_write():
+    sock = packet_socket()
+    client_over(sock).ping()
+    sock.flush()
+    assert sock.sock.writes == [b"\xc0\x00"]
+
+
+def test_oversize_payload_is_discarded_and_the_next_packet_still_parses():
+    got = []
+    big = publish_packet(b"a/b", b"x" * 300)
+    small = publish_packet(b"a/c", b"ok")
+    sock = packet_socket(big + small, max_read=100)
+    client = client_over(sock)
+    client.set_callback(lambda t, m: got.append((t, m, sock.discarded)))
+    client.wait_msg()
+    client.wait_msg()
+    assert got[0] == (b"a/b", b"", 300), got
+    assert got[1][:2] == (b"a/c", b"ok"), got
+
+
+def test_qos1_incoming_message_is_acknowledged_in_one_write():
+    sock = packet_socket(publish_packet(b"cmd", b"go", qos=1, pid=7))
+    client = client_over(sock)
+    client.set_callback(lambda t, m: None)
+    client.wait_msg()
+    sock.flush()
+    assert sock.sock.writes == [b"\x40\x02\x00\x07"], sock.sock.writes
+
+
+def test_unhandled_packet_body_is_skipped_so_the_stream_stays_in_step():
+    got = []
+    sock = packet_socket(b"\x90\x03\x00\x01\x00" + publish_packet(b"t", b"v"))
+    client = client_over(sock)
+    client.set_callback(lambda t, m: got.append(m))
+    op = client.wait_msg()
+    assert op == 0x90
+    sock.skip_packet()
+    client.wait_msg()
+    assert got == [b"v"]
+
+
+def test_connection_closed_mid_packet_is_an_oserror():
+    sock = packet_socket(publish_packet(b"topic", b"payload")[:6])
+    client = client_over(sock)
+    client.set_callback(lambda t, m: None)
+    assert_raises(OSError, client.wait_msg)
+
+
+def test_first_byte_handed_over_by_the_link_is_read_first():
+    got = []
+    packet = publish_packet(b"t", b"v")
+    sock = packet_socket(packet[1:])
+    sock.first = packet[:1]
+    client = client_over(sock)
+    client.set_callback(lambda t, m: got.append(m))
+    client.wait_msg()
+    assert got == [b"v"]
+
+
+def test_read_from_a_silent_peer_times_out_within_the_deadline():
+    from mqttsocket import PacketSocket
+
+    listener, port = _listen_on_free_port()
+    sock = PacketSocket(300, 4096, (6, 1))
+    sock.connect(socket.getaddrinfo("127.0.0.1", port)[0][-1])
+    peer, _ = listener.accept()
+    started = ticks_ms()
+    error = assert_raises(OSError, sock.read, 1)
+    elapsed = ticks_diff(ticks_ms(), started)
+    assert error.errno == errno.ETIMEDOUT, error
+    assert 250 <= elapsed < 1500, elapsed
+    sock.close()
+    peer.close()
+    listener.close()
+
+
+def _listen_on_free_port():
+    # The unix port has no getsockname(), so pick the port ourselves.
+    import random
+
+    while True:
+        port = random.randint(20000, 60000)
+        listener = socket.socket()
+        try:
+            listener.bind(socket.getaddrinfo("127.0.0.1", port)[0][-1])
+            listener.listen(1)
+            return listener, port
+        except OSError:
+            listener.close()

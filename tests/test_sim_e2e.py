@@ -1,0 +1,154 @@
+"""End to end: the real firmware in the real MicroPython VM against a real
+nats-server's MQTT listener."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleet.observe import FleetObserver
+from fleet.server import NatsServer
+from fleet.simulator import Simulator
+
+KEEPALIVE_S = 2
+FAST = {
+    "telemetry_interval_ms": 200,
+    "keepalive_s": KEEPALIVE_S,
+    "reconnect_min_ms": 100,
+    "reconnect_max_ms": 1000,
+    "socket_timeout_ms": 2000,
+}
+
+
+@pytest.fixture
+def sim(tmp_path: Path, server: NatsServer) -> Iterator[Simulator]:
+    simulator = Simulator(tmp_path / "sim", server.host, server.mqtt_port, settings_defaults=FAST)
+    try:
+        yield simulator
+    finally:
+        simulator.stop_all()
+
+
+@pytest.fixture
+def observer(server: NatsServer) -> Iterator[FleetObserver]:
+    with FleetObserver(server.host, server.mqtt_port) as obs:
+        yield obs
+
+
+def test_three_devices_come_online_and_publish_increasing_sequences(sim: Simulator, observer: FleetObserver) -> None:
+    devices = sim.start_fleet(3)
+    ids = [d.device_id for d in devices]
+    observer.wait_until(lambda: all(observer.devices.get(i) and observer.devices[i].online for i in ids), 10, "3 online")
+    observer.wait_until(lambda: all(len(observer.devices[i].seqs) >= 5 for i in ids), 10, "5 readings each")
+    for device_id in ids:
+        view = observer.device(device_id)
+        assert view.status["board"] == "sim" and view.status["id"] == device_id
+        seqs = view.seqs
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        reading = view.last_reading
+        assert reading is not None
+        for key in ("temp_c", "uptime_s", "heap_free", "rssi", "ts", "boot"):
+            assert key in reading
+
+
+def test_killed_device_goes_offline_within_keepalive_bound(sim: Simulator, observer: FleetObserver) -> None:
+    sim.start_fleet(1)
+    view = observer.device("sim-001")
+    observer.wait_until(lambda: view.online is True, 10, "online")
+    sim.kill("sim-001")
+    killed = time.monotonic()
+    observer.wait_until(lambda: view.online is False, 1.5 * KEEPALIVE_S + 2, "offline after SIGKILL")
+    assert time.monotonic() - killed < 1.5 * KEEPALIVE_S + 2
+
+
+def test_hung_device_is_declared_offline_by_keepalive_and_recovers(sim: Simulator, observer: FleetObserver) -> None:
+    # SIGSTOP keeps the socket open but silent: only the keepalive can tell.
+    sim.start_fleet(1)
+    view = observer.device("sim-001")
+    observer.wait_until(lambda: view.online is True, 10, "online")
+    sim.freeze("sim-001")
+    frozen = time.monotonic()
+    observer.wait_until(lambda: view.online is False, 1.5 * KEEPALIVE_S + 3, "offline by keepalive")
+    assert time.monotonic() - frozen >= KEEPALIVE_S  # not before the broker could know
+    sim.thaw("sim-001")
+    observer.wait_until(lambda: view.online is True, 10, "back online after thaw")
+
+
+def test_devices_reconnect_and_resume_after_broker_restart(sim: Simulator, observer: FleetObserver, server: NatsServer) -> None:
+    ids = [d.device_id for d in sim.start_fleet(3)]
+    observer.wait_until(lambda: all(len(observer.device(i).seqs) >= 2 for i in ids), 10, "telemetry flowing")
+    observer.stop()
+    server.restart()
+    restarted = time.monotonic()
+    with FleetObserver(server.host, server.mqtt_port, client_id="observer-2") as after:
+        after.wait_until(lambda: all(len(after.device(i).seqs) >= 3 for i in ids), 20, "telemetry resumed")
+        assert time.monotonic() - restarted < 20
+        for device_id in ids:
+            assert after.device(device_id).online is True
+            assert "link: up" in sim.wait_for_log(device_id, "link: up", count=2)
+
+
+def test_invalid_settings_give_one_clear_line_and_the_device_keeps_retrying(sim: Simulator, observer: FleetObserver) -> None:
+    sim.add("sim-001")
+    sim.write_settings("sim-001", {**sim.read_settings("sim-001"), "mqtt_port": "not-a-port"})
+    device = sim.start("sim-001")
+    log = sim.wait_for_log("sim-001", "settings error:", count=2, timeout=15)
+    assert "mqtt_port: must be an integer" in log
+    assert "Traceback" not in log
+    assert device.running
+    # Fixing the file is enough: the next retry picks it up.
+    sim.write_settings("sim-001", {**sim.read_settings("sim-001"), "mqtt_port": observer.port})
+    observer.wait_until(lambda: observer.device("sim-001").online is True, 20, "online after fix")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "settings.json: not valid JSON"),
+        ('{"device_id": "bad id!", "wifi_ssid": "x", "mqtt_host": "h"}', "device_id: must match"),
+        ('{"wifi_ssid": "x"}', "mqtt_host: missing"),
+        ('{"wifi_ssid": "x", "mqtt_host": "h", "color": 1}', "color: unknown setting"),
+    ],
+)
+def test_each_settings_problem_names_the_field(sim: Simulator, content: str, message: str) -> None:
+    sim.add("sim-001")
+    sim.write_settings("sim-001", content)
+    sim.start("sim-001")
+    log = sim.wait_for_log("sim-001", "settings error:")
+    assert message in log
+    assert sim.devices["sim-001"].running
+
+
+def test_restarted_device_keeps_its_id_and_continues_its_sequence(sim: Simulator, observer: FleetObserver) -> None:
+    sim.start_fleet(1)
+    view = observer.device("sim-001")
+    observer.wait_until(lambda: len(view.seqs) >= 3, 10, "first readings")
+    boots_before = view.status["boots"]
+    sim.power_cycle("sim-001")
+    last_before = view.seqs[-1]
+    observer.wait_until(lambda: view.status.get("boots") == boots_before + 1 and view.online is True, 10, "rebooted")
+    observer.wait_until(lambda: len(view.seqs) and view.seqs[-1] > last_before and view.readings[-1]["boot"] == boots_before + 1, 10, "new readings")
+    after = [r["seq"] for r in view.readings if r["boot"] == boots_before + 1]
+    assert min(after) > last_before
+    assert view.status["id"] == "sim-001"
+
+
+def test_device_answers_ping_on_its_pong_topic(sim: Simulator, observer: FleetObserver) -> None:
+    sim.start_fleet(1)
+    observer.wait_until(lambda: observer.device("sim-001").online is True, 10, "online")
+    observer.ping("sim-001", b"are-you-there")
+    observer.wait_until(
+        lambda: any(t == "fleet/sim-001/pong" and p == b"are-you-there" for _, t, p in observer.messages), 5, "pong"
+    )
+
+
+def test_free_heap_does_not_drift_down_over_hundreds_of_readings(sim: Simulator, observer: FleetObserver) -> None:
+    sim.start_fleet(1, telemetry_interval_ms=10)
+    view = observer.device("sim-001")
+    observer.wait_until(lambda: len(view.readings) >= 600, 60, "600 readings")
+    heap = [r["heap_free"] for r in view.readings[:600]]
+    settled = heap[100]  # after the first connect and the first few allocations
+    assert min(heap[100:]) >= settled - 256, (settled, min(heap[100:]))
+    assert 0 < settled < 128 * 1024
