@@ -24,7 +24,7 @@ test-firmware: setup
 
 # The whole system on one machine for a bounded time: server, gateway, 3 boards.
 sim: setup
-	$(BIN)/fleet sim --devices 3 --duration 30 --data-dir build/sim-data
+	$(BIN)/fleet sim --devices 3 --duration 15 --data-dir build/sim-data
 
 bench: setup
 	$(BIN)/python -m fleet.bench

@@ -33,16 +33,88 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+class CommandError(Exception):
+    """A failure to report in one line on stderr, without a traceback."""
+
+
+def _reported_in_one_line() -> tuple[type[BaseException], ...]:
+    # What a command can run into through no fault of the code: server down,
+    # gateway down, JetStream refusing a request. Anything else keeps its traceback.
+    import nats.errors
+
+    from .inventory import ApiError, GatewayNotRunning
+    from .natsconn import NatsUnavailable
+    from .tail import StreamMissing
+
+    return (CommandError, NatsUnavailable, GatewayNotRunning, ApiError, StreamMissing, nats.errors.Error)
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    import asyncio
+    import logging
+    import signal
+
+    from .gateway import Gateway, GatewayConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = GatewayConfig(
+        nats_url=args.nats,
+        telemetry_max_age=args.telemetry_max_age,
+        telemetry_max_bytes=args.telemetry_max_bytes,
+        presence_history=args.presence_history,
+    )
+
+    async def serve() -> None:
+        gateway = Gateway(config)
+        await gateway.start()
+        print(f"fleet gateway running on {config.nats_url} (service {gateway.service_id}); Ctrl-C stops it")
+        sys.stdout.flush()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await gateway.stop()
+            print("fleet gateway stopped")
+
+    asyncio.run(serve())
+    return 0
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    import asyncio
+    import json
+
+    from .inventory import fetch_devices, format_table
+
+    records = asyncio.run(fetch_devices(args.nats, timeout=args.timeout))
+    if args.json:
+        print(json.dumps([record.to_json() for record in records], indent=2))
+    elif records:
+        print(format_table(records))
+    else:
+        print("no devices yet")
+    return 0
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    import asyncio
+    import json
+
+    from .protocol import is_valid_device_id
+    from .tail import Reading, follow
+
+    if args.device is not None and not is_valid_device_id(args.device):
+        raise CommandError(f"invalid device id {args.device!r}: expected [A-Za-z0-9_-]{{1,32}}")
+
+    def show(reading: Reading) -> None:
+        # Flushed per line: the output is often piped into another program.
+        print(json.dumps(reading.to_json()) if args.json else reading.format_line(), flush=True)
+
+    asyncio.run(follow(args.nats, args.device, last=args.last, limit=args.count, on_reading=show))
+    return 0
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -50,7 +122,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
     from .simsession import SimOptions, run_simulation
 
-    options = SimOptions(devices=args.devices, data_dir=Path(args.data_dir), mqtt=args.mqtt, duration=args.duration)
+    options = SimOptions(devices=args.devices, data_dir=Path(args.data_dir), mqtt=args.mqtt, duration=args.duration,
+                         telemetry_interval_ms=int(args.interval * 1000))
     return asyncio.run(run_simulation(options))
 
 
@@ -72,15 +145,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_server)
 
     p = command("gateway", "bridge the boards' MQTT topics to JetStream and serve the fleet API")
+    p.add_argument("--telemetry-max-age", type=float, default=7 * 24 * 3600, metavar="SECONDS",
+                   help="drop stored telemetry older than this (default: 7 days)")
+    p.add_argument("--telemetry-max-bytes", type=int, default=1 << 30, metavar="BYTES",
+                   help="cap on stored telemetry, oldest dropped first (default: 1 GiB)")
+    p.add_argument("--presence-history", type=int, default=16, metavar="N",
+                   help="status messages kept per device (default: %(default)s)")
     p.set_defaults(func=cmd_gateway)
 
     p = command("devices", "list the devices with presence and last-seen time")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the gateway (default: %(default)s)")
     p.set_defaults(func=cmd_devices)
 
     p = command("tail", "print telemetry as it arrives (from the JetStream stream)")
     p.add_argument("device", nargs="?", help="only this device")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--last", type=int, default=0, metavar="N", help="start with the N latest stored readings")
+    p.add_argument("--count", type=int, metavar="N", help="stop after N readings")
     p.set_defaults(func=cmd_tail)
 
     p = command("sim", "run simulated boards (the real firmware in the MicroPython unix port)")
@@ -88,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt", metavar="HOST:PORT", help="use this broker; start nothing else")
     p.add_argument("--data-dir", default="sim-data", help="flash folders and logs (default: %(default)s)")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between readings (default: %(default)s)")
     p.set_defaults(func=cmd_sim)
     return parser
 
@@ -98,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as error:
+        if not isinstance(error, _reported_in_one_line()):
+            raise
+        print(f"fleet {args.command}: {str(error) or type(error).__name__}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

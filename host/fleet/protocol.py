@@ -6,6 +6,7 @@ settings schema exist once.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -17,6 +18,10 @@ API_PREFIX = "fleet-api"
 TELEMETRY_STREAM = "FLEET_TELEMETRY"
 PRESENCE_STREAM = "FLEET_PRESENCE"
 DEVICES_BUCKET = "fleet_devices"
+
+# The firmware's "id" settings type (firmware/settings.py valid_id): also a
+# valid NATS subject token and KV key, so the host can use ids as both.
+_DEVICE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,10 @@ def device_from_subject(subject: str) -> str:
     if len(parts) < 3 or parts[0] != topic_root():
         raise ValueError(f"not a device subject: {subject}")
     return parts[1]
+
+
+def is_valid_device_id(device_id: str) -> bool:
+    return _DEVICE_ID_RE.fullmatch(device_id) is not None
 
 
 def api_subject(endpoint: str) -> str:

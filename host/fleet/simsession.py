@@ -28,6 +28,7 @@ class SimOptions:
     mqtt: str | None = None
     duration: float | None = None
     refresh: float = 1.0
+    telemetry_interval_ms: int = 2000
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -83,17 +84,17 @@ async def run_simulation(options: SimOptions, out: TextIO = sys.stdout) -> int:
             await gateway.start()
             print(f"nats-server: NATS {server.url}  MQTT mqtt://{host}:{port}", file=out)
             print(f"try: FLEET_NATS_URL={server.url} fleet devices", file=out)
-        sim = Simulator(data_dir, host, port)
+        sim = Simulator(data_dir, host, port, settings_defaults={"telemetry_interval_ms": options.telemetry_interval_ms})
         observer = FleetObserver(host, port, client_id=f"fleet-sim-{os.getpid()}")
         observer.start()
         try:
             sim.start_fleet(options.devices)
             print(f"started {options.devices} simulated boards; flash folders in {data_dir / 'devices'}", file=out)
             await _show(sim, observer, options, stop, out)
+            online = sum(1 for d in sim.devices if observer.device(d).online)
         finally:
             sim.stop_all()
             observer.stop()
-        online = sum(1 for d in sim.devices if observer.device(d).online)
         print(f"stopped: {online}/{len(sim.devices)} boards were online at the end", file=out)
         return 0
     finally:

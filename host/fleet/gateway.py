@@ -1,0 +1,524 @@
+"""The gateway: from the boards' MQTT topics to a device registry and the fleet API.
+
+The boards publish MQTT to nats-server's MQTT listener, which turns every
+publish into a NATS message on fleet.<id>.<topic>. Two JetStream streams
+capture those subjects by themselves (FLEET_TELEMETRY, FLEET_PRESENCE), so
+nothing is lost while no gateway runs. The gateway:
+
+- creates or updates the streams and the `fleet_devices` KV bucket;
+- reads both streams through durable pull consumers shared by every gateway
+  instance, folds each fetched batch into one record per device and writes it
+  with optimistic concurrency, then acks; a restarted gateway resumes where
+  the consumers stand, and several instances split the work;
+- serves the registry as the NATS micro service `fleet` (fleet-api.devices,
+  fleet-api.device).
+
+All state lives in NATS (streams, consumers, KV), none in the process.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable
+from dataclasses import dataclass, replace
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.errors import (
+    APIError,
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+)
+from nats.js.kv import KeyValue
+from nats.micro import add_service
+from nats.micro.request import Request, ServiceError
+from nats.micro.service import Service
+
+from . import __version__
+from .natsconn import connect
+from .protocol import (
+    DEVICES_BUCKET,
+    PRESENCE_STREAM,
+    TELEMETRY_STREAM,
+    api_subject,
+    is_valid_device_id,
+    nats_subject,
+    topic_root,
+)
+from .wire import DeviceRecord, MalformedPayload, Presence, TelemetryReading
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "fleet"
+PRESENCE_CONSUMER = "fleet-gateway-presence"
+TELEMETRY_CONSUMER = "fleet-gateway-telemetry"
+
+# JSStreamNameExistErr: the stream exists with another configuration.
+_STREAM_EXISTS_WITH_OTHER_CONFIG = 10058
+# Two instances racing for one record settle within a few tries; many more
+# means something else writes the key in a loop.
+_MAX_WRITE_ATTEMPTS = 50
+# How long one devices-listing may take before the request fails with 500.
+_LIST_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    nats_url: str
+    telemetry_max_age: float = 7 * 24 * 3600.0  # seconds
+    telemetry_max_bytes: int = 1 << 30
+    duplicate_window: float = 120.0  # seconds
+    presence_history: int = 16  # status messages kept per device
+    batch_size: int = 256
+    # How long one fetch waits for messages. stop() lets the batch in hand
+    # finish instead of cancelling it (cancelled, its messages would wait out
+    # ack_wait before redelivery), so this also bounds how long stop() takes.
+    fetch_wait: float = 1.0
+    ack_wait: float = 30.0
+    connect_timeout: float = 5.0
+
+
+@dataclass
+class GatewayCounters:
+    """What this process has seen since it started (the registry holds the rest)."""
+
+    messages: int = 0
+    malformed: int = 0
+    rejected: int = 0  # subjects without a valid device id: nowhere to count them
+    conflicts: int = 0  # KV writes retried because another instance wrote first
+    failed_writes: int = 0  # batches left unacked for redelivery
+
+
+@dataclass(frozen=True)
+class DeviceEvent:
+    """One stream message from a device, decoded; exactly one of the three is set."""
+
+    at: float  # JetStream timestamp, unix seconds
+    stream_seq: int
+    presence: Presence | None = None
+    reading: TelemetryReading | None = None
+    malformed: str | None = None  # why the payload was rejected
+
+    @property
+    def order(self) -> tuple[float, int]:
+        # Timestamps decide which message is newer; the stream sequence breaks
+        # ties between messages stored in the same microsecond.
+        return (self.at, self.stream_seq)
+
+
+def apply_events(record: DeviceRecord | None, device_id: str, events: list[DeviceEvent]) -> DeviceRecord:
+    """The record after `events`, which may be older than what it already holds.
+
+    Pure, so a write that lost a race is simply recomputed from the newer
+    record. Presence and the last reading change only for messages newer than
+    the ones they came from, which makes applying a message twice (redelivery)
+    harmless; only the malformed count is not idempotent.
+    """
+    updated = replace(record) if record is not None else DeviceRecord(id=device_id)
+    for event in events:
+        if updated.last_seen is None or event.at > updated.last_seen:
+            updated.last_seen = event.at
+        if event.malformed is not None:
+            updated.malformed += 1
+        elif event.presence is not None:
+            if updated.presence_at is not None and event.order <= (updated.presence_at, updated.presence_stream_seq):
+                continue
+            presence = event.presence
+            # A new boot is a new session even without an offline in between
+            # (a board that reset faster than its keepalive ran out).
+            new_boot = presence.boots is not None and presence.boots != updated.boots
+            if updated.since is None or presence.online != updated.online or new_boot:
+                updated.since = event.at
+            updated.online = presence.online
+            updated.board = presence.board if presence.board is not None else updated.board
+            updated.firmware = presence.firmware if presence.firmware is not None else updated.firmware
+            updated.boots = presence.boots if presence.boots is not None else updated.boots
+            updated.reset = presence.reset if presence.reset is not None else updated.reset
+            updated.presence_at, updated.presence_stream_seq = event.order
+        elif event.reading is not None:
+            if updated.telemetry_at is not None and event.order <= (updated.telemetry_at, updated.telemetry_stream_seq):
+                continue
+            updated.last_seq = event.reading.seq
+            updated.last_telemetry = event.reading.payload
+            updated.telemetry_at, updated.telemetry_stream_seq = event.order
+    return updated
+
+
+def device_id_of(subject: str) -> str | None:
+    """fleet.<id>.<topic> -> <id>, or None when the subject carries no valid id."""
+    parts = subject.split(".")
+    if len(parts) != 3 or parts[0] != topic_root() or not is_valid_device_id(parts[1]):
+        return None
+    return parts[1]
+
+
+@dataclass(frozen=True)
+class _StreamFeed:
+    """One stream the gateway follows and how its messages are decoded."""
+
+    kind: str  # "presence" or "telemetry"
+    stream: str
+    subject: str
+    durable: str
+
+
+class Gateway:
+    """One gateway instance; any number may run against the same server.
+
+    An instance is started once and stopped once; start a new one to restart.
+    """
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.counters = GatewayCounters()
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._kv: KeyValue | None = None
+        self._service: Service | None = None
+        self._consumer_tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._feeds = (
+            _StreamFeed("presence", PRESENCE_STREAM, nats_subject("*", "status"), PRESENCE_CONSUMER),
+            _StreamFeed("telemetry", TELEMETRY_STREAM, nats_subject("*", "telemetry"), TELEMETRY_CONSUMER),
+        )
+
+    @property
+    def service_id(self) -> str | None:
+        return self._service.id if self._service else None
+
+    # -- life cycle ----------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect, set up streams, bucket and consumers, start serving.
+
+        Raises NatsUnavailable when the server cannot be reached, and the
+        JetStream error when the streams cannot be created or updated.
+        """
+        if self._nc is not None:
+            raise RuntimeError("gateway already started")
+        self._nc = await connect(
+            self.config.nats_url,
+            name="fleet-gateway",
+            timeout=self.config.connect_timeout,
+            reconnect_forever=True,
+            on_error=self._on_connection_error,
+        )
+        try:
+            self._js = self._nc.jetstream()
+            for stream in (self._telemetry_stream_config(), self._presence_stream_config()):
+                await self._ensure_stream(stream)
+            self._kv = await self._ensure_bucket()
+            subscriptions = [await self._subscribe(feed) for feed in self._feeds]
+            self._consumer_tasks = [
+                asyncio.create_task(self._consume(feed, subscription), name=f"fleet-gateway-{feed.kind}")
+                for feed, subscription in zip(self._feeds, subscriptions)
+            ]
+            # Registered last: a gateway that answers is one that is consuming.
+            self._service = await add_service(
+                self._nc,
+                name=SERVICE_NAME,
+                version=__version__,
+                description="fleet device registry",
+            )
+            await self._service.add_endpoint(name="devices", subject=api_subject("devices"), handler=self._handle_devices)
+            await self._service.add_endpoint(name="device", subject=api_subject("device"), handler=self._handle_device)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("gateway %s serving %s on %s", self.service_id, SERVICE_NAME, self.config.nats_url)
+
+    async def stop(self) -> None:
+        """Stop serving, let the batches in hand finish and be acked, disconnect."""
+        if self._nc is None:
+            return
+        if self._stopping.is_set():
+            # Stopped, or stopping in another task (run_forever's cleanup and
+            # a signal handler may both get here): wait for that one.
+            await self._stopped.wait()
+            return
+        self._stopping.set()
+        if self._service is not None:
+            try:
+                await self._service.stop()
+            except Exception as error:  # the connection may already be gone
+                log.debug("stopping the service: %s", error)
+        if self._consumer_tasks:
+            _, unfinished = await asyncio.wait(self._consumer_tasks, timeout=self.config.fetch_wait + 10)
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*self._consumer_tasks, return_exceptions=True)
+        try:
+            # Acks are fire-and-forget publishes: flush them before closing so
+            # the next instance does not get the same messages again.
+            if self._nc.is_connected:
+                await self._nc.flush(timeout=2)
+        except Exception as error:
+            log.debug("flushing before close: %s", error)
+        await self._nc.close()
+        self._stopped.set()
+        log.info("gateway %s stopped", self.service_id)
+
+    async def run_forever(self) -> None:
+        """Start (unless started) and run until cancelled or stop() is called."""
+        if self._nc is None:
+            await self.start()
+        try:
+            await self._stopped.wait()
+        finally:
+            await self.stop()
+
+    async def _on_connection_error(self, error: Exception) -> None:
+        # nats-py keeps reconnecting; one line per problem is enough.
+        log.warning("NATS connection: %s", str(error) or type(error).__name__)
+
+    # -- JetStream setup -------------------------------------------------------------
+    def _telemetry_stream_config(self) -> api.StreamConfig:
+        return api.StreamConfig(
+            name=TELEMETRY_STREAM,
+            description="device telemetry readings, captured from the MQTT gateway",
+            subjects=[nats_subject("*", "telemetry")],
+            storage=api.StorageType.FILE,
+            retention=api.RetentionPolicy.LIMITS,
+            discard=api.DiscardPolicy.OLD,
+            max_age=self.config.telemetry_max_age,
+            max_bytes=self.config.telemetry_max_bytes,
+            duplicate_window=self.config.duplicate_window,
+        )
+
+    def _presence_stream_config(self) -> api.StreamConfig:
+        return api.StreamConfig(
+            name=PRESENCE_STREAM,
+            description="device birth and last-will messages, the latest few per device",
+            subjects=[nats_subject("*", "status")],
+            storage=api.StorageType.FILE,
+            retention=api.RetentionPolicy.LIMITS,
+            discard=api.DiscardPolicy.OLD,
+            max_msgs_per_subject=self.config.presence_history,
+            duplicate_window=self.config.duplicate_window,
+        )
+
+    async def _ensure_stream(self, config: api.StreamConfig) -> None:
+        assert self._js is not None
+        try:
+            # Creating with the same configuration is a no-op on the server,
+            # so concurrent instances and restarts go through here.
+            await self._js.add_stream(config)
+        except APIError as error:
+            if error.err_code != _STREAM_EXISTS_WITH_OTHER_CONFIG:
+                raise
+            await self._js.update_stream(config)
+            log.info("stream %s updated to the configured limits", config.name)
+
+    async def _ensure_bucket(self) -> KeyValue:
+        assert self._js is not None
+        try:
+            return await self._js.key_value(DEVICES_BUCKET)
+        except BucketNotFoundError:
+            pass
+        try:
+            return await self._js.create_key_value(
+                bucket=DEVICES_BUCKET,
+                description="one record per device, kept by the fleet gateway",
+                history=1,
+                storage=api.StorageType.FILE,
+            )
+        except APIError:
+            # Another instance created it between our two calls.
+            return await self._js.key_value(DEVICES_BUCKET)
+
+    async def _subscribe(self, feed: _StreamFeed) -> JetStreamContext.PullSubscription:
+        assert self._js is not None
+        consumer = api.ConsumerConfig(
+            description=f"fleet gateway: {feed.kind} into the device registry",
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self.config.ack_wait,
+            max_deliver=-1,
+        )
+        return await self._js.pull_subscribe(feed.subject, durable=feed.durable, stream=feed.stream, config=consumer)
+
+    # -- consuming -----------------------------------------------------------------
+    async def _consume(self, feed: _StreamFeed, subscription: JetStreamContext.PullSubscription) -> None:
+        backoff = 0.5
+        while not self._stopping.is_set():
+            try:
+                messages = await subscription.fetch(self.config.batch_size, timeout=self.config.fetch_wait)
+            except asyncio.TimeoutError:
+                # Nothing to do within fetch_wait (nats-py raises both its own
+                # TimeoutError subclass and the plain one here).
+                continue
+            except Exception as error:
+                if self._stopping.is_set():
+                    break
+                log.warning("%s: fetch failed (%r); retrying in %.1f s", feed.kind, error, backoff)
+                if isinstance(error, APIError):
+                    # The stream or consumer may have been deleted by hand:
+                    # put them back (the stream then captures from now on).
+                    subscription = await self._resubscribe(feed, subscription)
+                await self._sleep_unless_stopping(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            backoff = 0.5
+            await self._process_batch(feed, messages)
+
+    async def _resubscribe(
+        self, feed: _StreamFeed, subscription: JetStreamContext.PullSubscription
+    ) -> JetStreamContext.PullSubscription:
+        try:
+            stream = self._telemetry_stream_config() if feed.kind == "telemetry" else self._presence_stream_config()
+            await self._ensure_stream(stream)
+            fresh = await self._subscribe(feed)
+        except Exception as error:
+            log.warning("%s: cannot set up the consumer again: %s", feed.kind, error)
+            return subscription
+        try:
+            await subscription.unsubscribe()
+        except Exception:
+            pass  # the old inbox goes with the connection anyway
+        return fresh
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    def _decode(self, feed: _StreamFeed, device_id: str, message: Msg) -> DeviceEvent:
+        metadata = message.metadata
+        at = metadata.timestamp.timestamp()
+        stream_seq = metadata.sequence.stream
+        try:
+            if feed.kind == "presence":
+                return DeviceEvent(at, stream_seq, presence=Presence.parse(device_id, message.data))
+            return DeviceEvent(at, stream_seq, reading=TelemetryReading.parse(message.data))
+        except MalformedPayload as error:
+            self.counters.malformed += 1
+            log.warning(
+                "device %s: malformed %s payload (%s): %r",
+                device_id, feed.kind, error.args[0], message.data[:120],
+            )
+            return DeviceEvent(at, stream_seq, malformed=str(error.args[0]))
+
+    async def _process_batch(self, feed: _StreamFeed, messages: list[Msg]) -> None:
+        by_device: dict[str, list[tuple[DeviceEvent, Msg]]] = {}
+        for message in messages:
+            self.counters.messages += 1
+            device_id = device_id_of(message.subject)
+            if device_id is None:
+                self.counters.rejected += 1
+                log.warning("%s: no valid device id in subject %r; dropped", feed.kind, message.subject)
+                await _quietly(message.term())
+                continue
+            by_device.setdefault(device_id, []).append((self._decode(feed, device_id, message), message))
+        await asyncio.gather(*(self._settle(device_id, items) for device_id, items in by_device.items()))
+
+    async def _settle(self, device_id: str, items: list[tuple[DeviceEvent, Msg]]) -> None:
+        """Write the device's record for this batch, then ack its messages."""
+        try:
+            await self._write_record(device_id, [event for event, _ in items])
+        except Exception as error:
+            self.counters.failed_writes += 1
+            log.warning("device %s: registry write failed (%s); messages will be redelivered", device_id, error)
+            for _, message in items:
+                await _quietly(message.nak(delay=1.0))
+            return
+        for _, message in items:
+            await _quietly(message.ack())
+
+    async def _write_record(self, device_id: str, events: list[DeviceEvent]) -> DeviceRecord:
+        assert self._kv is not None
+        for attempt in range(_MAX_WRITE_ATTEMPTS):
+            current, revision = await self._read_record(device_id)
+            updated = apply_events(current, device_id, events)
+            try:
+                if revision == 0:
+                    await self._kv.create(device_id, updated.to_bytes())
+                else:
+                    await self._kv.update(device_id, updated.to_bytes(), last=revision)
+                return updated
+            except KeyWrongLastSequenceError:
+                # Another instance wrote the record since we read it: read
+                # again and recompute. The jitter keeps two instances from
+                # colliding in lockstep.
+                self.counters.conflicts += 1
+                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+        raise RuntimeError(f"{_MAX_WRITE_ATTEMPTS} conflicting writes in a row")
+
+    async def _read_record(self, device_id: str) -> tuple[DeviceRecord | None, int]:
+        """The stored record and its revision; (None, 0) when there is none."""
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(device_id)
+        except KeyNotFoundError:
+            return None, 0
+        try:
+            return DeviceRecord.from_json(entry.value or b""), entry.revision or 0
+        except ValueError as error:
+            # Not written by a gateway (someone used `nats kv put`): start
+            # over rather than stop updating this device.
+            log.warning("device %s: unreadable registry record replaced (%s)", device_id, error)
+            return None, entry.revision or 0
+
+    # -- the fleet API ---------------------------------------------------------------
+    async def list_records(self) -> list[DeviceRecord]:
+        """Every record in the registry, sorted by device id."""
+        assert self._kv is not None
+        records: list[DeviceRecord] = []
+        watcher = await self._kv.watchall(ignore_deletes=True)
+        try:
+            while True:
+                # The watcher sends None once it has delivered every key.
+                entry = await watcher.updates(timeout=_LIST_TIMEOUT)
+                if entry is None:
+                    break
+                try:
+                    records.append(DeviceRecord.from_json(entry.value or b""))
+                except ValueError as error:
+                    log.warning("registry key %s is not a device record: %s", entry.key, error)
+        finally:
+            await watcher.stop()
+        return sorted(records, key=lambda record: record.id)
+
+    async def _handle_devices(self, request: Request) -> None:
+        records = await self.list_records()
+        await request.respond(_json_list([record.to_bytes() for record in records]))
+
+    async def _handle_device(self, request: Request) -> None:
+        assert self._kv is not None
+        device_id = request.data.decode("utf-8", errors="replace").strip()
+        if not is_valid_device_id(device_id):
+            raise ServiceError("400", f"invalid device id {device_id!r}: expected [A-Za-z0-9_-]{{1,32}}")
+        try:
+            entry = await self._kv.get(device_id)
+        except KeyNotFoundError:
+            raise ServiceError("404", f"unknown device {device_id}") from None
+        await request.respond(DeviceRecord.from_json(entry.value or b"").to_bytes())
+
+
+def _json_list(encoded_items: list[bytes]) -> bytes:
+    return b"[" + b",".join(encoded_items) + b"]"
+
+
+async def _quietly(ack: Awaitable[None]) -> None:
+    # An ack that cannot be sent (connection lost) means redelivery later,
+    # which apply_events tolerates; it must not abort the rest of the batch.
+    try:
+        await ack
+    except Exception as error:
+        log.debug("ack not sent: %s", error)
+
+
+__all__ = [
+    "DeviceEvent",
+    "Gateway",
+    "GatewayConfig",
+    "GatewayCounters",
+    "PRESENCE_CONSUMER",
+    "SERVICE_NAME",
+    "TELEMETRY_CONSUMER",
+    "apply_events",
+    "device_id_of",
+]

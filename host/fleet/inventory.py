@@ -1,0 +1,132 @@
+"""The client side of the fleet API: ask a running gateway who is out there.
+
+Requests go to the `fleet` micro service (any gateway instance answers);
+errors come back as micro error headers and are raised as ApiError.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+
+import nats.errors
+from nats.aio.client import Client
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+
+from .natsconn import connect
+from .protocol import api_subject
+from .wire import DeviceRecord
+
+
+class GatewayNotRunning(RuntimeError):
+    """Nobody serves the fleet API (or nobody answered in time)."""
+
+
+class ApiError(RuntimeError):
+    """An error reply from the fleet API: code 400 (bad request), 404 (unknown), 500."""
+
+    def __init__(self, code: int, description: str) -> None:
+        super().__init__(f"{description} ({code})")
+        self.code = code
+        self.description = description
+
+
+class DeviceNotFound(ApiError):
+    pass
+
+
+async def _request(nc: Client, endpoint: str, payload: bytes, timeout: float) -> bytes:
+    subject = api_subject(endpoint)
+    try:
+        reply = await nc.request(subject, payload, timeout=timeout)
+    except nats.errors.NoRespondersError:
+        raise GatewayNotRunning("the fleet gateway is not running (no responders on " + subject + ")") from None
+    except nats.errors.TimeoutError:
+        raise GatewayNotRunning(f"the fleet gateway did not answer on {subject} within {timeout:g} s") from None
+    headers = reply.headers or {}
+    if ERROR_CODE_HEADER in headers:
+        code_text = headers[ERROR_CODE_HEADER]
+        code = int(code_text) if code_text.isdigit() else 500
+        error_type = DeviceNotFound if code == 404 else ApiError
+        raise error_type(code, headers.get(ERROR_HEADER, "fleet API error"))
+    return reply.data
+
+
+async def fetch_devices(nats_url: str, timeout: float = 5.0) -> list[DeviceRecord]:
+    """Every device the gateway knows, sorted by id.
+
+    Raises NatsUnavailable, GatewayNotRunning or ApiError.
+    """
+    nc = await connect(nats_url, name="fleet-devices", timeout=timeout)
+    try:
+        data = await _request(nc, "devices", b"", timeout)
+    finally:
+        await nc.close()
+    items = json.loads(data)
+    if not isinstance(items, list):
+        raise ApiError(500, "the devices reply is not a JSON list")
+    return [DeviceRecord.from_json(item) for item in items]
+
+
+async def fetch_device(nats_url: str, device_id: str, timeout: float = 5.0) -> DeviceRecord:
+    """One device's record; DeviceNotFound (404) when the gateway has never heard of it."""
+    nc = await connect(nats_url, name="fleet-devices", timeout=timeout)
+    try:
+        data = await _request(nc, "device", device_id.encode(), timeout)
+    finally:
+        await nc.close()
+    return DeviceRecord.from_json(data)
+
+
+# -- presentation ------------------------------------------------------------------
+
+TABLE_COLUMNS = ("DEVICE", "ONLINE", "BOARD", "FIRMWARE", "BOOTS", "LAST SEEN", "SEQ", "TEMP")
+
+
+def format_age(seconds: float) -> str:
+    """How long ago, coarsely: '3s ago', '4m ago', '2h ago', '5d ago'."""
+    seconds = max(0.0, seconds)  # the server's clock may run a little ahead of ours
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def table_row(record: DeviceRecord, now: float) -> tuple[str, ...]:
+    def text(value: object) -> str:
+        return "-" if value is None else str(value)
+
+    temp = record.temp_c
+    return (
+        record.id,
+        "yes" if record.online else "no",
+        text(record.board),
+        text(record.firmware),
+        text(record.boots),
+        format_age(now - record.last_seen) if record.last_seen is not None else "never",
+        text(record.last_seq),
+        f"{temp:.1f}" if temp is not None else "-",
+    )
+
+
+def format_table(records: Sequence[DeviceRecord], now: float | None = None) -> str:
+    """A plain-text table, one line per device, columns padded to fit."""
+    now = time.time() if now is None else now
+    rows = [TABLE_COLUMNS, *(table_row(record, now) for record in records)]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(TABLE_COLUMNS))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+__all__ = [
+    "ApiError",
+    "DeviceNotFound",
+    "DeviceRecord",
+    "GatewayNotRunning",
+    "TABLE_COLUMNS",
+    "fetch_device",
+    "fetch_devices",
+    "format_age",
+    "format_table",
+    "table_row",
+]

@@ -1,0 +1,191 @@
+"""What crosses the wire, as dataclasses: device payloads in, registry records out.
+
+Devices are not trusted: every payload is parsed here into a typed value or
+rejected with MalformedPayload (one line saying why), so the gateway and the
+tail tool agree on what "malformed" means. DeviceRecord is the JSON the
+gateway keeps per device in the `fleet_devices` KV bucket and serves on the
+fleet API.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+# Telemetry fields the firmware sends (firmware/device.py, telemetry.py) and
+# the JSON types each may have; other fields are kept as they are, so newer
+# firmware can add readings without the host calling them malformed.
+_TELEMETRY_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "seq": (int,),
+    "ts": (int, float, type(None)),
+    "boot": (int, type(None)),
+    "uptime_s": (int, float, type(None)),
+    "heap_free": (int, type(None)),
+    "temp_c": (int, float, type(None)),
+    "rssi": (int, float, type(None)),
+}
+
+_PRESENCE_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "online": (bool,),
+    "id": (str,),
+    "board": (str, type(None)),
+    "firmware": (str, type(None)),
+    "boots": (int, type(None)),
+    "reset": (str, type(None)),
+}
+
+
+_NUMBER = (int, float)
+_RECORD_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "id": (str,),
+    "online": (bool,),
+    "board": (str, type(None)),
+    "firmware": (str, type(None)),
+    "boots": (int, type(None)),
+    "reset": (str, type(None)),
+    "since": (*_NUMBER, type(None)),
+    "last_seen": (*_NUMBER, type(None)),
+    "last_seq": (int, type(None)),
+    "last_telemetry": (dict, type(None)),
+    "malformed": (int,),
+    "presence_at": (*_NUMBER, type(None)),
+    "presence_stream_seq": (int,),
+    "telemetry_at": (*_NUMBER, type(None)),
+    "telemetry_stream_seq": (int,),
+}
+
+
+class MalformedPayload(ValueError):
+    """A device payload that is not what the protocol says; args[0] says why."""
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON; accepting them would put them in the
+    # registry, whose readers then fail to parse it.
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(data, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise MalformedPayload(f"not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise MalformedPayload(f"not a JSON object but {type(value).__name__}")
+    return value
+
+
+def _check_types(value: dict[str, Any], types: dict[str, tuple[type, ...]]) -> None:
+    for name, allowed in types.items():
+        if name not in value:
+            continue
+        item = value[name]
+        # bool is an int subclass in Python, but true is not a number on the wire.
+        if isinstance(item, bool) and bool not in allowed:
+            raise MalformedPayload(f"{name} is a boolean")
+        if not isinstance(item, allowed):
+            raise MalformedPayload(f"{name} has type {type(item).__name__}")
+
+
+@dataclass(frozen=True)
+class Presence:
+    """A birth or last-will message on fleet/<id>/status."""
+
+    online: bool
+    board: str | None = None
+    firmware: str | None = None
+    boots: int | None = None
+    reset: str | None = None
+
+    @classmethod
+    def parse(cls, device_id: str, data: bytes) -> Presence:
+        value = _json_object(data)
+        if "online" not in value:
+            raise MalformedPayload("no 'online' field")
+        _check_types(value, _PRESENCE_FIELD_TYPES)
+        # A status message naming another device is a misconfigured board
+        # (copied settings): believing it would mix two devices in one record.
+        if "id" in value and value["id"] != device_id:
+            raise MalformedPayload(f"id {value['id']!r} does not match the topic's {device_id!r}")
+        return cls(
+            online=value["online"],
+            board=value.get("board"),
+            firmware=value.get("firmware"),
+            boots=value.get("boots"),
+            reset=value.get("reset"),
+        )
+
+
+@dataclass(frozen=True)
+class TelemetryReading:
+    """One reading on fleet/<id>/telemetry; `payload` is the whole JSON object."""
+
+    seq: int
+    payload: dict[str, Any]
+
+    @classmethod
+    def parse(cls, data: bytes) -> TelemetryReading:
+        value = _json_object(data)
+        if "seq" not in value:
+            raise MalformedPayload("no 'seq' field")
+        _check_types(value, _TELEMETRY_FIELD_TYPES)
+        if value["seq"] < 0:
+            raise MalformedPayload("seq is negative")
+        return cls(seq=value["seq"], payload=value)
+
+
+@dataclass
+class DeviceRecord:
+    """One device in the registry (KV bucket fleet_devices, key = device id).
+
+    Times are unix seconds taken from the JetStream message timestamps, not
+    from the gateway's clock, so every gateway instance computes the same
+    record from the same messages. The *_at / *_stream_seq fields remember
+    which message the presence and the last reading came from, so an older
+    message processed late (by another instance, or redelivered) never
+    overwrites a newer one.
+    """
+
+    id: str
+    online: bool = False
+    board: str | None = None
+    firmware: str | None = None
+    boots: int | None = None
+    reset: str | None = None
+    since: float | None = None  # last presence change (online flip or new boot)
+    last_seen: float | None = None  # latest message of any kind from the device
+    last_seq: int | None = None
+    last_telemetry: dict[str, Any] | None = None
+    malformed: int = 0
+    presence_at: float | None = None
+    presence_stream_seq: int = 0
+    telemetry_at: float | None = None
+    telemetry_stream_seq: int = 0
+
+    @classmethod
+    def from_json(cls, data: bytes | str | dict[str, Any]) -> DeviceRecord:
+        """Parse a record; unknown keys are ignored (records from newer gateways)."""
+        if isinstance(data, dict):
+            value = data
+        else:
+            value = _json_object(data.encode() if isinstance(data, str) else data)
+        if not isinstance(value.get("id"), str):
+            raise MalformedPayload("a device record has a string 'id'")
+        _check_types(value, _RECORD_FIELD_TYPES)
+        known = {f.name for f in fields(cls)}
+        return cls(**{name: item for name, item in value.items() if name in known})
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_json(), separators=(",", ":")).encode()
+
+    @property
+    def temp_c(self) -> float | None:
+        reading = self.last_telemetry or {}
+        temp = reading.get("temp_c")
+        return float(temp) if isinstance(temp, (int, float)) and not isinstance(temp, bool) else None
+
+
+__all__ = ["DeviceRecord", "MalformedPayload", "Presence", "TelemetryReading"]

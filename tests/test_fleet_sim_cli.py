@@ -1,0 +1,90 @@
+"""`fleet sim` as a user runs it: bounded, live table, nothing left behind."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fleet.server import NatsServer
+
+
+def _processes_under(folder: Path) -> list[int]:
+    """Processes whose working folder or command line points into `folder`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cwd.startswith(str(folder)) or str(folder) in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _fleet(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fleet", *args]
+
+
+def test_fleet_sim_alone_runs_server_gateway_and_boards_then_stops_cleanly(tmp_path: Path) -> None:
+    data = tmp_path / "sim-data"
+    result = subprocess.run(
+        _fleet("sim", "--devices", "2", "--duration", "8", "--data-dir", str(data)),
+        capture_output=True, text=True, timeout=90,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "nats-server: NATS nats://127.0.0.1:" in result.stdout
+    lines = result.stdout.strip().splitlines()
+    final_table = lines[-4:-1]  # the last table, then the "stopped:" line
+    assert final_table[0].startswith("DEVICE"), result.stdout
+    for line, device_id in zip(final_table[1:], ("sim-001", "sim-002")):
+        assert line.startswith(device_id) and "  yes  " in line, result.stdout
+        assert " ago " in line or " now " in line, result.stdout  # telemetry arrived
+    assert "2/2 boards were online" in result.stdout
+    assert _processes_under(data) == []
+
+
+def test_fleet_sim_with_mqtt_uses_that_broker_and_ctrl_c_stops_everything(tmp_path: Path, server: NatsServer) -> None:
+    data = tmp_path / "sim-data"
+    process = subprocess.Popen(
+        _fleet("sim", "--devices", "2", "--mqtt", f"127.0.0.1:{server.mqtt_port}", "--data-dir", str(data)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        state = data / "devices" / "sim-002" / "state.json"
+        while not state.exists():  # the second board has booted
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+        assert not (data / "server").exists()  # nothing else was started
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, out
+    assert "stopped:" in out
+    assert _processes_under(data) == []
+
+
+def test_simulator_uses_the_vm_named_by_MICROPYTHON(tmp_path: Path, server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleet.observe import FleetObserver
+    from fleet.paths import micropython_executable
+    from fleet.simulator import Simulator
+
+    marker = tmp_path / "used"
+    wrapper = tmp_path / "my-micropython"
+    wrapper.write_text(f"#!/bin/sh\necho yes > {marker}\nexec {micropython_executable()} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("MICROPYTHON", str(wrapper))
+    with Simulator(tmp_path / "sim", server.host, server.mqtt_port) as sim, FleetObserver(server.host, server.mqtt_port) as obs:
+        sim.start_fleet(1)
+        obs.wait_until(lambda: obs.device("sim-001").online is True, 15, "online")
+    assert marker.read_text().strip() == "yes"
