@@ -1,8 +1,8 @@
 # Board profile: ESP32 (generic devkit, WROOM module, no PSRAM).
 import esp32
 import machine
-import network
-import time
+
+from netboard import NetworkedBoard
 
 NAME = "esp32"
 TCP_NODELAY = (6, 1)  # lwIP's IPPROTO_TCP and TCP_NODELAY
@@ -16,7 +16,6 @@ _RESET_CAUSES = {
     machine.DEEPSLEEP_RESET: "deep_sleep",
     machine.SOFT_RESET: "soft_reset",
 }
-_UNSYNCED_BEFORE = 1700000000
 
 
 def unique_id():
@@ -27,35 +26,11 @@ def reset_cause():
     return _RESET_CAUSES.get(machine.reset_cause(), "other")
 
 
-class Board:
+class Board(NetworkedBoard):
     def __init__(self, device_id):
+        super().__init__()
         self.device_id = device_id
-        self.wlan = network.WLAN(network.STA_IF)
         self.led_pin = machine.Pin(LED_PIN, machine.Pin.OUT)
-
-    def wifi_connect(self, ssid, password):
-        self.wlan.active(True)
-        self.wlan.connect(ssid, password)
-
-    def wifi_isconnected(self):
-        return self.wlan.isconnected()
-
-    def wifi_status(self):
-        return "status %d" % self.wlan.status()
-
-    def wifi_joined(self):
-        try:
-            import ntptime
-
-            ntptime.settime()
-        except Exception:
-            pass
-
-    def rssi(self):
-        try:
-            return self.wlan.status("rssi")
-        except Exception:
-            return None
 
     def temperature_c(self):
         # ESP32-S2/S3/C3 have mcu_temperature() in C; the original ESP32 only
@@ -66,8 +41,3 @@ class Board:
 
     def led(self, on):
         self.led_pin.value(1 if on else 0)
-
-    def time_s(self):
-        t = time.time()
-        # Older esp32 firmware counts from 2000; treat either as unsynced early.
-        return t if t >= _UNSYNCED_BEFORE else None
