@@ -1,0 +1,232 @@
+# Store-and-forward log on flash: readings are appended here first, online
+# or not, and forwarded from here oldest first.
+#
+# Layout (in `folder`): segment files NNNNNNNN.seg holding records
+#   [length: u16 LE][crc32 of body: u32 LE][body]
+# and cursor.json, the position of the first record not yet acknowledged by
+# the broker, replaced atomically (write, then rename).
+#
+# Flash-aware: LittleFS rewrites the last block of a file on every sync, so
+# records are gathered in RAM and written every `flush_records` records or
+# `flush_ms` milliseconds, whichever comes first. A power cut loses at most
+# the unflushed records; a torn record at the end of a segment fails its
+# CRC and is never forwarded. Every boot starts a fresh segment, so a torn
+# tail is never appended to.
+import binascii
+import json
+import os
+import struct
+from micropython import const
+from time import ticks_diff, ticks_ms
+
+from state import write_atomic
+
+_HEADER = const(6)
+_MAX_RECORD = const(1024)
+_CURSOR = "cursor.json"
+
+
+def _name(number):
+    return "%08d.seg" % number
+
+
+class BacklogLog:
+    def __init__(self, folder="log", budget=256 * 1024, segment_size=16 * 1024, flush_records=16, flush_ms=1000):
+        self.folder = folder
+        self.budget = budget
+        self.segment_size = segment_size
+        self.flush_records = flush_records
+        self.flush_ms = flush_ms
+        self.pending = bytearray()  # records gathered in RAM, not yet on flash
+        self.pending_count = 0
+        self.pending_since = 0
+        self.dropped = 0  # records lost to the budget or a full filesystem (persisted)
+        self.corrupt = 0  # records skipped at boot for a bad length or CRC
+        self.flash_bytes = 0  # bytes written to flash since boot, records and cursor
+        self.records_flushed = 0
+        self.header = bytearray(_HEADER)
+        try:
+            os.mkdir(folder)
+        except OSError:
+            pass  # already there
+        self.segments = sorted(int(n[:8]) for n in os.listdir(folder) if n.endswith(".seg"))
+        self.seg, self.off = self._load_cursor()
+        if self.segments and self.seg < self.segments[0]:
+            self.seg, self.off = self.segments[0], 0
+        # A new segment per boot: never append after a possibly torn tail.
+        self.active = (self.segments[-1] + 1) if self.segments else max(1, self.seg)
+        self.active_size = 0
+
+    # -- recording ---------------------------------------------------------------
+    def append(self, body):
+        # Never blocks on the network and never raises: a full flash drops
+        # the oldest data, counted, rather than the newest.
+        n = len(body)
+        if n > _MAX_RECORD:
+            raise ValueError("record of %d bytes is over %d" % (n, _MAX_RECORD))
+        if not self.pending_count:
+            self.pending_since = ticks_ms()
+        struct.pack_into("<HI", self.header, 0, n, binascii.crc32(body))
+        self.pending.extend(self.header)
+        self.pending.extend(body)
+        self.pending_count += 1
+        if self.pending_count >= self.flush_records:
+            self.flush()
+
+    def flush_due(self):
+        return self.pending_count and ticks_diff(ticks_ms(), self.pending_since) >= self.flush_ms
+
+    def flush(self):
+        if not self.pending_count:
+            return
+        size = len(self.pending)
+        if self.active_size and self.active_size + size > self.segment_size:
+            self.active += 1
+            self.active_size = 0
+        self._make_room(size)
+        try:
+            self._write_active()
+        except OSError:  # ENOSPC or a failing flash: free the oldest and try once more
+            if not self._drop_oldest():
+                self.dropped += self.pending_count
+                self._clear_pending()
+                return
+            try:
+                self._write_active()
+            except OSError:
+                self.dropped += self.pending_count
+        self._clear_pending()
+
+    def _write_active(self):
+        with open(self._path(self.active), "ab") as f:
+            f.write(self.pending)
+        if not self.segments or self.segments[-1] != self.active:
+            self.segments.append(self.active)
+        self.active_size += len(self.pending)
+        self.flash_bytes += len(self.pending)
+        self.records_flushed += self.pending_count
+
+    def _clear_pending(self):
+        self.pending = bytearray()
+        self.pending_count = 0
+
+    def _make_room(self, incoming):
+        while self.segments and self.stored_bytes() + incoming > self.budget:
+            if not self._drop_oldest():
+                break
+
+    def _drop_oldest(self):
+        # Drops the oldest segment (never the one being appended to), counting
+        # the records in it that were not yet forwarded.
+        if not self.segments or self.segments[0] == self.active:
+            return False
+        oldest = self.segments.pop(0)
+        if oldest >= self.seg:
+            start = self.off if oldest == self.seg else 0
+            self.dropped += self._count(oldest, start)
+            self.seg, self.off = (self.segments[0] if self.segments else self.active), 0
+            self._save_cursor()
+        os.remove(self._path(oldest))
+        return True
+
+    def stored_bytes(self):
+        total = 0
+        for number in self.segments:
+            total += os.stat(self._path(number))[6]
+        return total
+
+    # -- forwarding ----------------------------------------------------------------
+    def read_batch(self, max_bytes):
+        # Returns (bodies, position after them). Only flushed records are
+        # read; the caller flushes first when it wants everything.
+        bodies = []
+        used = 0
+        seg, off = self.seg, self.off
+        f = None
+        while True:
+            if f is None:
+                if seg not in self.segments:
+                    later = self._after(seg)
+                    if later is None:
+                        break
+                    seg, off = later, 0
+                try:
+                    f = open(self._path(seg), "rb")
+                except OSError:
+                    break
+                f.seek(off)
+            body = self._next(f)
+            if body is None:  # end of this segment (or a torn/corrupt tail)
+                f.close()
+                f = None
+                later = self._after(seg)
+                if later is None or seg == self.active:
+                    break
+                seg, off = later, 0
+                continue
+            if bodies and used + len(body) > max_bytes:
+                break
+            bodies.append(body)
+            used += len(body)
+            off += _HEADER + len(body)
+        if f is not None:
+            f.close()
+        return bodies, (seg, off)
+
+    def _after(self, seg):
+        for number in self.segments:
+            if number > seg:
+                return number
+        return None
+
+    def commit(self, position):
+        # The broker acknowledged everything before `position`: persist the
+        # cursor, then delete segments that are wholly behind it.
+        self.seg, self.off = position
+        self._save_cursor()
+        while self.segments and self.segments[0] < self.seg:
+            os.remove(self._path(self.segments.pop(0)))
+
+    def _next(self, f):
+        # The record at f's position, or None at the end or at a torn or
+        # corrupt record (which is counted).
+        header = f.read(_HEADER)
+        if len(header) < _HEADER:
+            return None
+        n, crc = struct.unpack("<HI", header)
+        body = f.read(n) if n <= _MAX_RECORD else b""
+        if len(body) != n or binascii.crc32(body) != crc:
+            self.corrupt += 1
+            return None
+        return body
+
+    def _count(self, seg, off):
+        count = 0
+        try:
+            with open(self._path(seg), "rb") as f:
+                f.seek(off)
+                while self._next(f) is not None:
+                    count += 1
+        except OSError:
+            pass
+        return count
+
+    def _path(self, number):
+        return self.folder + "/" + _name(number)
+
+    def _load_cursor(self):
+        try:
+            with open(self.folder + "/" + _CURSOR) as f:
+                saved = json.load(f)
+            self.dropped = int(saved.get("dropped", 0))
+            return int(saved["seg"]), int(saved["off"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return (self.segments[0] if self.segments else 1), 0
+
+    def _save_cursor(self):
+        text = '{"seg": %d, "off": %d, "dropped": %d}' % (self.seg, self.off, self.dropped)
+        try:
+            write_atomic(self.folder + "/" + _CURSOR, text)
+            self.flash_bytes += len(text)
+        except OSError:
+            pass  # forwarded again after a reboot; the host de-duplicates by sequence

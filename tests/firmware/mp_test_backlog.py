@@ -1,0 +1,128 @@
+# The store-and-forward log: order, batching, acknowledgement, power loss,
+# the byte budget.
+import os
+
+from backlog import BacklogLog
+
+
+def body(i):
+    return b'{"seq": %d, "temp_c": 21.5}' % i
+
+
+def forward_all(log, max_bytes=512):
+    got = []
+    while True:
+        log.flush()
+        bodies, position = log.read_batch(max_bytes)
+        if not bodies:
+            return got
+        got.extend(bodies)
+        log.commit(position)
+
+
+def test_records_come_back_in_order_exactly_once():
+    log = BacklogLog(flush_records=4)
+    for i in range(100):
+        log.append(body(i))
+    assert forward_all(log) == [body(i) for i in range(100)]
+    assert forward_all(log) == []
+
+
+def test_records_are_written_in_batches_not_one_by_one():
+    log = BacklogLog(flush_records=8, flush_ms=60000)
+    for i in range(7):
+        log.append(body(i))
+    assert log.records_flushed == 0 and not log.flush_due()
+    log.append(body(7))
+    assert log.records_flushed == 8
+
+
+def test_a_batch_not_acknowledged_is_read_again():
+    log = BacklogLog(flush_records=1)
+    for i in range(10):
+        log.append(body(i))
+    first, _ = log.read_batch(100)
+    again, _ = log.read_batch(100)
+    assert first == again and first[0] == body(0)
+
+
+def test_reboot_resumes_after_the_last_acknowledged_record():
+    log = BacklogLog(flush_records=1)
+    for i in range(20):
+        log.append(body(i))
+    bodies, position = log.read_batch(200)
+    log.commit(position)
+    rebooted = BacklogLog(flush_records=1)
+    rebooted.append(body(20))
+    assert forward_all(rebooted) == [body(i) for i in range(len(bodies), 21)]
+
+
+def test_unflushed_records_are_the_only_loss_at_power_cut():
+    log = BacklogLog(flush_records=5)
+    for i in range(13):
+        log.append(body(i))
+    # power cut: the 3 records still in RAM are gone, the flushed 10 are not
+    assert forward_all(BacklogLog()) == [body(i) for i in range(10)]
+
+
+def test_torn_record_is_detected_and_never_forwarded():
+    log = BacklogLog(flush_records=1)
+    for i in range(5):
+        log.append(body(i))
+    name = "log/" + sorted(n for n in os.listdir("log") if n.endswith(".seg"))[-1]
+    with open(name, "ab") as f:
+        f.write(b"\x20\x00\x01\x02\x03\x04{\"seq\": 5, \"te")  # cut mid-write
+    rebooted = BacklogLog(flush_records=1)
+    rebooted.append(body(6))
+    assert forward_all(rebooted) == [body(i) for i in range(5)] + [body(6)]
+
+
+def test_corrupted_record_fails_its_crc_and_is_skipped():
+    log = BacklogLog(flush_records=1)
+    for i in range(3):
+        log.append(body(i))
+    name = "log/" + sorted(n for n in os.listdir("log") if n.endswith(".seg"))[-1]
+    with open(name, "rb") as f:
+        data = bytearray(f.read())
+    data[-3] ^= 0xFF  # flip bits in the last record's body
+    with open(name, "wb") as f:
+        f.write(data)
+    rebooted = BacklogLog(flush_records=1)
+    rebooted.append(body(9))
+    assert forward_all(rebooted) == [body(0), body(1), body(9)]
+    assert rebooted.corrupt >= 1
+
+
+def test_full_budget_drops_the_oldest_records_and_counts_them():
+    log = BacklogLog(budget=4096, segment_size=1024, flush_records=4)
+    for i in range(1000):
+        log.append(body(i))
+    log.flush()
+    assert log.stored_bytes() <= 4096
+    got = forward_all(log)
+    assert log.dropped + len(got) == 1000, (log.dropped, len(got))
+    assert got[-1] == body(999)
+    assert got == [body(i) for i in range(1000 - len(got), 1000)]  # the newest survive, in order
+    assert BacklogLog().dropped == log.dropped  # the count survives a reboot
+
+
+def test_acknowledged_segments_are_deleted():
+    log = BacklogLog(segment_size=256, flush_records=2)
+    for i in range(100):
+        log.append(body(i))
+    forward_all(log)
+    assert len([n for n in os.listdir("log") if n.endswith(".seg")]) == 1
+
+
+def test_flash_bytes_per_record_stay_close_to_the_record_size():
+    log = BacklogLog(flush_records=16)
+    for i in range(320):
+        log.append(body(i))
+    while True:
+        log.flush()
+        bodies, position = log.read_batch(1024)
+        if not bodies:
+            break
+        log.commit(position)
+    per_record = log.flash_bytes / 320
+    assert per_record < len(body(100)) + 6 + 8, per_record
