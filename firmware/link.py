@@ -8,6 +8,7 @@
 # 1.5 x keepalive), and reconnection with capped exponential backoff and
 # jitter so a fleet does not reconnect in lockstep after a broker restart.
 import asyncio
+import errno
 import random
 from time import ticks_add, ticks_diff, ticks_ms
 
@@ -26,6 +27,19 @@ def backoff_ms(attempt, low, high):
     if ceiling > high:
         ceiling = high
     return low + random.getrandbits(24) % (ceiling - low + 1)
+
+
+def describe(error):
+    # One readable phrase for the console and status.
+    if isinstance(error, OSError) and error.args and error.args[0] == -1:
+        return "connection closed by the broker"  # umqtt.simple's code for EOF
+    if isinstance(error, OSError) and error.args and error.args[0] == errno.ETIMEDOUT:
+        return "no answer from the broker within socket_timeout_ms"
+    if isinstance(error, simple.MQTTException):
+        return "broker refused the connection (CONNACK code %s)" % error.args[0]
+    if isinstance(error, AssertionError):
+        return "unexpected reply from the broker"
+    return str(error) or type(error).__name__
 
 
 class Link:
@@ -119,10 +133,11 @@ class Link:
         finally:
             self.sock = self.sockets.last
         self.connected = True
-        if self.birth:
-            client.publish(self.status_topic, self.birth, True, 1)
+        # Subscribe before announcing: "online" means ready to receive.
         for topic, qos in self.subscriptions:
             client.subscribe(topic, qos)
+        if self.birth:
+            client.publish(self.status_topic, self.birth, True, 1)
         self.sock.flush()
         self.connects += 1
         self.up.set()
@@ -145,7 +160,7 @@ class Link:
                 return
             if first is not None:
                 if not first:
-                    raise OSError("closed by broker")
+                    raise OSError("connection closed by the broker")
                 sock.first = first
                 op = self.client.wait_msg()
                 if op and op & 0xF0 != 0x30:
@@ -165,7 +180,7 @@ class Link:
         self.on_message(topic, payload, discarded)
 
     def _drop(self, error):
-        self.last_error = error
+        self.last_error = describe(error)
         self.connected = False
         self.up.clear()
         if self.sock:

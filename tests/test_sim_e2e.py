@@ -218,3 +218,39 @@ def test_jetstream_holds_each_devices_readings_in_increasing_sequence(sim: Simul
     assert set(by_device) <= set(ids) and len(by_device) >= 2
     for seqs in by_device.values():
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+@pytest.fixture
+def faulty_sim(tmp_path: Path, server: NatsServer) -> Iterator[Simulator]:
+    simulator = Simulator(tmp_path / "sim", server.host, server.mqtt_port, settings_defaults=FAST, fault_injection=True)
+    try:
+        yield simulator
+    finally:
+        simulator.stop_all()
+
+
+def test_black_holed_link_is_noticed_by_the_device_itself_and_recovers(faulty_sim: Simulator, observer: FleetObserver) -> None:
+    faulty_sim.start_fleet(1)
+    view = observer.device("sim-001")
+    observer.wait_until(lambda: view.online is True, 10, "online")
+    faulty_sim.set_link("sim-001", "blackhole")
+    # No RST arrives: only the device's own timers can tell (a missing
+    # PINGRESP, or a PUBACK that does not come).
+    log = faulty_sim.wait_for_log("sim-001", "link: down", timeout=KEEPALIVE_S * 2 + 3)
+    assert "no answer to ping" in log or "no answer from the broker" in log, log
+    observer.wait_until(lambda: view.online is False, 1.5 * KEEPALIVE_S + 3, "broker sent the last will")
+    faulty_sim.set_link("sim-001", "pass")
+    seen = len(view.seqs)
+    observer.wait_until(lambda: view.online is True and len(view.seqs) > seen + 2, 15, "back online, telemetry again")
+
+
+def test_dropped_link_reconnects_with_backoff_until_it_heals(faulty_sim: Simulator, observer: FleetObserver) -> None:
+    faulty_sim.start_fleet(1)
+    view = observer.device("sim-001")
+    observer.wait_until(lambda: view.online is True, 10, "online")
+    faulty_sim.set_link("sim-001", "drop")
+    faulty_sim.wait_for_log("sim-001", "link: down", count=3, timeout=15)  # it keeps trying
+    assert faulty_sim.devices["sim-001"].running
+    faulty_sim.set_link("sim-001", "pass")
+    observer.wait_until(lambda: view.online is True and view.status_changes[-1][1] is True, 15, "online again")
+    faulty_sim.wait_for_log("sim-001", "link: up", count=2)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .faults import LinkMode, LinkProxy, ProxyLoop
 from .paths import FIRMWARE_DIR, micropython_executable, micropython_path
 
 DEFAULT_HEAP = "128k"
@@ -67,7 +68,12 @@ class Simulator:
     board: str = "sim"
     firmware_dir: Path = FIRMWARE_DIR
     settings_defaults: dict[str, Any] = field(default_factory=dict)
+    # With fault injection on, each device reaches the broker through its
+    # own LinkProxy, which the tests (and `fleet sim`) can cut or slow down.
+    fault_injection: bool = False
     devices: dict[str, SimDevice] = field(default_factory=dict)
+    proxies: dict[str, LinkProxy] = field(default_factory=dict)
+    _proxy_loop: ProxyLoop | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -88,10 +94,29 @@ class Simulator:
             **current,
             **settings,
             "mqtt_host": self.mqtt_host,
-            "mqtt_port": self.mqtt_port,
+            "mqtt_port": self._device_port(device_id),
         }
         self.write_settings(device_id, merged)
         return device
+
+    def _device_port(self, device_id: str) -> int:
+        if not self.fault_injection:
+            return self.mqtt_port
+        proxy = self.proxies.get(device_id)
+        if proxy is None:
+            if self._proxy_loop is None:
+                self._proxy_loop = ProxyLoop()
+            proxy = LinkProxy(self.mqtt_host, self.mqtt_port)
+            self._proxy_loop.call(proxy.start())
+            self.proxies[device_id] = proxy
+        return proxy.port
+
+    # -- faults ---------------------------------------------------------------------
+    def set_link(self, device_id: str, mode: LinkMode | str, delay: float | None = None) -> None:
+        """Cut ("drop", "blackhole") or restore ("pass") a device's network."""
+        if not self._proxy_loop or device_id not in self.proxies:
+            raise RuntimeError("fault injection is off for this simulator")
+        self._proxy_loop.call(self.proxies[device_id].set_mode(LinkMode(mode), delay))
 
     def settings_path(self, device_id: str) -> Path:
         return self.data_dir / "devices" / device_id / "settings.json"
@@ -169,6 +194,12 @@ class Simulator:
     def stop_all(self) -> None:
         for device_id in list(self.devices):
             self.stop(device_id)
+        if self._proxy_loop:
+            for proxy in self.proxies.values():
+                self._proxy_loop.call(proxy.stop())
+            self._proxy_loop.close()
+            self._proxy_loop = None
+            self.proxies.clear()
 
     def _signal(self, device_id: str, sig: signal.Signals, wait: bool = True) -> None:
         device = self.devices[device_id]
