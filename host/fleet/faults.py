@@ -36,8 +36,18 @@ class ProxyLoop:
         return future.result(timeout)
 
     def close(self) -> None:
+        self.call(self._cancel_tasks())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        self.loop.close()
+
+    @staticmethod
+    async def _cancel_tasks() -> None:
+        # Connections still being piped end here, so no task outlives its loop.
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass
