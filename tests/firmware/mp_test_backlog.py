@@ -9,6 +9,10 @@ def body(i):
     return b'{"seq": %d, "temp_c": 21.5}' % i
 
 
+def newest_segment():
+    return "log/" + sorted(n for n in os.listdir("log") if n.endswith(".seg"))[-1]
+
+
 def forward_all(log, max_bytes=512):
     got = []
     while True:
@@ -69,7 +73,7 @@ def test_torn_record_is_detected_and_never_forwarded():
     log = BacklogLog(flush_records=1)
     for i in range(5):
         log.append(body(i))
-    name = "log/" + sorted(n for n in os.listdir("log") if n.endswith(".seg"))[-1]
+    name = newest_segment()
     with open(name, "ab") as f:
         f.write(b"\x20\x00\x01\x02\x03\x04{\"seq\": 5, \"te")  # cut mid-write
     rebooted = BacklogLog(flush_records=1)
@@ -81,7 +85,7 @@ def test_corrupted_record_fails_its_crc_and_is_skipped():
     log = BacklogLog(flush_records=1)
     for i in range(3):
         log.append(body(i))
-    name = "log/" + sorted(n for n in os.listdir("log") if n.endswith(".seg"))[-1]
+    name = newest_segment()
     with open(name, "rb") as f:
         data = bytearray(f.read())
     data[-3] ^= 0xFF  # flip bits in the last record's body
