@@ -12,6 +12,10 @@
 # the unflushed records; a torn record at the end of a segment fails its
 # CRC and is never forwarded. Every boot starts a fresh segment, so a torn
 # tail is never appended to.
+#
+# next_batch() hands out flushed records first, then the ones still in RAM:
+# while the link keeps up, a reading the broker acknowledges before its
+# flush is due is never written to flash at all.
 import binascii
 import json
 import os
@@ -44,6 +48,9 @@ class BacklogLog:
         self.corrupt = 0  # records skipped at boot for a bad length or CRC
         self.flash_bytes = 0  # bytes written to flash since boot, records and cursor
         self.records_flushed = 0
+        self.unsent = 0  # flushed records not yet acknowledged
+        self.flushes = 0  # a RAM batch handed out before a flush is stale after it
+        self._corrupt_at = None
         self.header = bytearray(_HEADER)
         try:
             os.mkdir(folder)
@@ -56,6 +63,13 @@ class BacklogLog:
         # A new segment per boot: never append after a possibly torn tail.
         self.active = (self.segments[-1] + 1) if self.segments else max(1, self.seg)
         self.active_size = 0
+        for number in self.segments:
+            if number >= self.seg:
+                self.unsent += self._count(number, self.off if number == self.seg else 0)
+
+    def backlog(self):
+        # Readings recorded and not yet acknowledged by the broker.
+        return self.unsent + self.pending_count
 
     # -- recording ---------------------------------------------------------------
     def append(self, body):
@@ -84,18 +98,29 @@ class BacklogLog:
             self.active += 1
             self.active_size = 0
         self._make_room(size)
-        try:
-            self._write_active()
-        except OSError:  # ENOSPC or a failing flash: free the oldest and try once more
-            if not self._drop_oldest():
-                self.dropped += self.pending_count
-                self._clear_pending()
-                return
+        for attempt in range(2):
             try:
                 self._write_active()
-            except OSError:
-                self.dropped += self.pending_count
+                break
+            except OSError:  # ENOSPC or a failing flash
+                # The failed write may have left a torn tail: keep that file
+                # as a segment (its good records still count) and go on in
+                # a fresh one, after freeing the oldest once.
+                self._seal_torn_active()
+                if attempt or not self._drop_oldest():
+                    self.dropped += self.pending_count
+                    break
         self._clear_pending()
+
+    def _seal_torn_active(self):
+        try:
+            os.stat(self._path(self.active))
+            if not self.segments or self.segments[-1] != self.active:
+                self.segments.append(self.active)
+        except OSError:
+            pass  # nothing was written
+        self.active += 1
+        self.active_size = 0
 
     def _write_active(self):
         with open(self._path(self.active), "ab") as f:
@@ -105,6 +130,8 @@ class BacklogLog:
         self.active_size += len(self.pending)
         self.flash_bytes += len(self.pending)
         self.records_flushed += self.pending_count
+        self.unsent += self.pending_count
+        self.flushes += 1
 
     def _clear_pending(self):
         self.pending = bytearray()
@@ -123,19 +150,63 @@ class BacklogLog:
         oldest = self.segments.pop(0)
         if oldest >= self.seg:
             start = self.off if oldest == self.seg else 0
-            self.dropped += self._count(oldest, start)
+            lost = self._count(oldest, start)
+            self.dropped += lost
+            self.unsent -= lost
             self.seg, self.off = (self.segments[0] if self.segments else self.active), 0
             self._save_cursor()
-        os.remove(self._path(oldest))
+        self._remove(oldest)
         return True
 
     def stored_bytes(self):
         total = 0
         for number in self.segments:
-            total += os.stat(self._path(number))[6]
+            try:
+                total += os.stat(self._path(number))[6]
+            except OSError:
+                pass  # already gone
         return total
 
+    def _remove(self, number):
+        try:
+            os.remove(self._path(number))
+        except OSError:
+            pass  # already gone
+
     # -- forwarding ----------------------------------------------------------------
+    def next_batch(self, max_bytes):
+        # (bodies, token): the oldest unacknowledged records, flushed ones
+        # first; pass the token to ack() once the broker has them all.
+        bodies, position = self.read_batch(max_bytes)
+        if bodies:
+            return bodies, (position, len(bodies), 0, 0)
+        self.unsent = 0  # everything readable on flash is acknowledged
+        bodies = []
+        used = 0
+        pending = self.pending
+        at = 0
+        while at < len(pending):
+            n = pending[at] | (pending[at + 1] << 8)
+            if bodies and used + n > max_bytes:
+                break
+            bodies.append(bytes(pending[at + _HEADER:at + _HEADER + n]))
+            used += n
+            at += _HEADER + n
+        return bodies, (None, len(bodies), at, self.flushes)
+
+    def ack(self, token):
+        position, count, ram_bytes = token[:3]
+        if position is not None:
+            self.commit(position, count)
+        elif token[3] != self.flushes:
+            pass  # flushed meanwhile: they are on flash now and go again from there
+        elif count:
+            # Acknowledged straight from RAM: these never need to reach flash.
+            self.pending = self.pending[ram_bytes:]
+            self.pending_count -= count
+            if not self.pending_count:
+                self.pending = bytearray()
+
     def read_batch(self, max_bytes):
         # Returns (bodies, position after them). Only flushed records are
         # read; the caller flushes first when it wants everything.
@@ -152,8 +223,12 @@ class BacklogLog:
                     seg, off = later, 0
                 try:
                     f = open(self._path(seg), "rb")
-                except OSError:
-                    break
+                except OSError:  # lost or unreadable: go on with the next one
+                    later = self._after(seg)
+                    if later is None:
+                        break
+                    seg, off = later, 0
+                    continue
                 f.seek(off)
             body = self._next(f)
             if body is None:  # end of this segment (or a torn/corrupt tail)
@@ -179,13 +254,15 @@ class BacklogLog:
                 return number
         return None
 
-    def commit(self, position):
-        # The broker acknowledged everything before `position`: persist the
-        # cursor, then delete segments that are wholly behind it.
+    def commit(self, position, count=0):
+        # The broker acknowledged everything before `position` (`count`
+        # records since the last commit): persist the cursor, then delete
+        # segments that are wholly behind it.
         self.seg, self.off = position
+        self.unsent = max(0, self.unsent - count)
         self._save_cursor()
         while self.segments and self.segments[0] < self.seg:
-            os.remove(self._path(self.segments.pop(0)))
+            self._remove(self.segments.pop(0))
 
     def _next(self, f):
         # The record at f's position, or None at the end or at a torn or
@@ -196,7 +273,10 @@ class BacklogLog:
         n, crc = struct.unpack("<HI", header)
         body = f.read(n) if n <= _MAX_RECORD else b""
         if len(body) != n or binascii.crc32(body) != crc:
-            self.corrupt += 1
+            at = (f.tell(), n, crc)
+            if at != self._corrupt_at:  # count each bad record once, not per read
+                self._corrupt_at = at
+                self.corrupt += 1
             return None
         return body
 

@@ -5,10 +5,11 @@ import asyncio
 import gc
 import json
 import sys
-from time import sleep_ms, ticks_ms
+from time import sleep_ms, ticks_add, ticks_diff, ticks_ms
 
 import board as profile
 import settings as settings_mod
+from backlog import BacklogLog
 from link import Link
 from state import DeviceState
 from telemetry import Telemetry
@@ -54,6 +55,15 @@ class Inbox:
         return item
 
 
+def _seq_of(body):
+    # The "seq" of a record as record() wrote it, without parsing it all.
+    at = body.find(b'"seq": ') + 7
+    end = at
+    while 48 <= body[end] <= 57:
+        end += 1
+    return int(body[at:end])
+
+
 class Device:
     def __init__(self, settings, protocol):
         self.settings = settings
@@ -70,36 +80,141 @@ class Device:
         self.inbox = Inbox(8)
         self.link = Link(self.id, settings, self.board, profile.TCP_NODELAY, self.topics["status"], self._on_message, log)
         self.link.will = self._presence(False)
-        self.link.birth = self._presence(True)
+        self.link.birth = self._birth  # built at each connect: it carries the backlog
         self.link.subscribe(self.topics["ping"], 0)
+        self.link.subscribe(self.topics["ack"], 0)
         self.telemetry = Telemetry(self, settings["telemetry_interval_ms"])
-        self.unsent = 0  # readings lost while offline (until store-and-forward)
+        self.backlog = BacklogLog(
+            "log", settings["backlog_budget"], max(1024, settings["backlog_budget"] // 16),
+            settings["flush_records"], settings["flush_ms"],
+        )
+        self.recorded = asyncio.Event()
+        self.link.on_up = self.recorded.set  # forward the backlog as soon as the link is up
+        self.stored = asyncio.Event()  # the gateway acknowledged a batch
+        self.stored_seq = -1  # the last sequence the gateway says is stored
+        self.forwarded = 0
+        self.rejected = 0  # readings refused by record() (too large)
         self.errors = 0
 
     def _presence(self, online):
-        return json.dumps(
-            {
-                "online": online,
-                "id": self.id,
-                "board": profile.NAME,
-                "firmware": self.firmware,
-                "boots": self.state.boots,
-                "reset": profile.reset_cause(),
-            }
-        ).encode()
+        status = {
+            "online": online,
+            "id": self.id,
+            "board": profile.NAME,
+            "firmware": self.firmware,
+            "boots": self.state.boots,
+            "reset": profile.reset_cause(),
+        }
+        if online:
+            status["backlog"] = self.backlog.backlog()
+            status["dropped"] = self.backlog.dropped
+        return json.dumps(status).encode()
+
+    def _birth(self):
+        return self._presence(True)
 
     # -- telemetry ---------------------------------------------------------------
     def record(self, reading):
-        # The one door for readings. Store-and-forward takes this over: then
-        # the reading goes to the flash log and is forwarded from there.
+        # The one door for readings: into the flash log first, online or
+        # not; the forwarder takes them from there.
         reading["seq"] = self.state.next_seq()
         reading["ts"] = self.board.time_s()
         reading["boot"] = self.state.boots
-        if not self.link.publish(self.topics["telemetry"], json.dumps(reading).encode(), False, 1):
-            self.unsent += 1
+        try:
+            self.backlog.append(json.dumps(reading).encode())
+        except ValueError as e:  # too big for one record: say so, keep running
+            self.rejected += 1
+            log("reading %d rejected: %s" % (reading["seq"], e))
+            return False
+        self.recorded.set()
+        return True
+
+    async def forward(self):
+        # Oldest first, several readings per QoS 1 message, one batch at a
+        # time. The log moves on only when the gateway says the readings are
+        # in the telemetry stream (topic ack): nats-server acknowledges an
+        # MQTT publish before a stream has stored it, so a PUBACK alone can
+        # lose readings when the broker stops. No ack in ack_timeout_ms: the
+        # batch goes again after a growing pause (no gateway running).
+        log_ = self.backlog
+        link = self.link
+        topic = self.topics["batch"]
+        limit = self.settings["batch_bytes"]
+        ack_timeout = self.settings["ack_timeout_ms"]
+        resend_at = ticks_ms()
+        misses = 0  # batches in a row without an ack: the pause before resending grows
+        connects = link.connects
+        while True:
+            try:
+                await asyncio.wait_for_ms(self.recorded.wait(), log_.flush_ms)
+            except asyncio.TimeoutError:
+                pass
+            self.recorded.clear()
+            if link.connects != connects:  # a new connection: send at once
+                connects = link.connects
+                resend_at = ticks_ms()
+            while link.connected and ticks_diff(ticks_ms(), resend_at) >= 0:
+                bodies, token = log_.next_batch(limit)
+                if not bodies:
+                    break
+                last = _seq_of(bodies[-1])
+                self.stored.clear()
+                if not link.publish(topic, self._batch(bodies), False, 1):
+                    break  # the link is down; this batch goes again on the next connection
+                stored = await self._stored_up_to(last, ack_timeout)
+                if stored is None:
+                    break  # the link went down meanwhile
+                if not stored:
+                    # The first miss is likely a lost message: resend at
+                    # once. More mean no gateway is storing: back off.
+                    pause = 0 if not misses else min(ack_timeout << min(misses - 1, 8), 60000)
+                    misses += 1
+                    resend_at = ticks_add(ticks_ms(), pause)
+                    log("forward: no ack for seq %d in %d ms; sending again in %d ms" % (last, ack_timeout, pause))
+                    break
+                misses = 0
+                log_.ack(token)
+                self.forwarded += len(bodies)
+            if log_.flush_due():
+                log_.flush()
+
+    async def _stored_up_to(self, seq, timeout_ms):
+        # True once the gateway has stored `seq`, False after timeout_ms,
+        # None if the link went down first.
+        deadline = ticks_add(ticks_ms(), timeout_ms)
+        while self.stored_seq < seq:
+            if not self.link.connected:
+                return None
+            left = ticks_diff(deadline, ticks_ms())
+            if left <= 0:
+                return False
+            try:
+                # Short waits: a link that drops is noticed within 500 ms.
+                await asyncio.wait_for_ms(self.stored.wait(), min(left, 500))
+            except asyncio.TimeoutError:
+                continue
+            self.stored.clear()
+        return True
+
+    def _batch(self, bodies):
+        # Built by concatenation: the records are JSON already.
+        log_ = self.backlog
+        head = '{"dropped": %d, "backlog": %d, "records": [' % (log_.dropped, log_.backlog() - len(bodies))
+        return head.encode() + b",".join(bodies) + b"]}"
 
     # -- incoming messages ---------------------------------------------------------
     def _on_message(self, topic, payload, discarded):
+        if topic == self.topics["ack"]:
+            # Handled here, not queued: the forwarder is waiting for it.
+            try:
+                seq = int(payload)
+            except ValueError:
+                log("ack: not a sequence number: %r" % payload[:32])
+                return
+            if seq > self.stored_seq:
+                self.stored_seq = seq
+                self.stored.set()
+            return
         self.inbox.put((topic, payload, discarded))
 
     async def dispatch(self):
@@ -127,6 +242,7 @@ class Device:
         log("device %s: %s firmware %s, boot %d (%s)" % (self.id, profile.NAME, self.firmware, self.state.boots, profile.reset_cause()))
         asyncio.create_task(self.link.run())
         asyncio.create_task(self.dispatch())
+        asyncio.create_task(self.forward())
         await self.telemetry.run()
 
 

@@ -53,7 +53,7 @@ class Link:
         self.keepalive_ms = settings["keepalive_s"] * 1000
         self.sockets = SocketFactory(settings["socket_timeout_ms"], settings["max_payload"], nodelay)
         self.subscriptions = []  # (topic, qos), restored on every connect
-        self.birth = None  # payload published retained on status_topic after connect
+        self.birth = None  # payload (or a function making it) published retained on status_topic after connect
         self.will = None
         self.client = None
         self.sock = None
@@ -137,7 +137,8 @@ class Link:
         for topic, qos in self.subscriptions:
             client.subscribe(topic, qos)
         if self.birth:
-            client.publish(self.status_topic, self.birth, True, 1)
+            birth = self.birth() if callable(self.birth) else self.birth
+            client.publish(self.status_topic, birth, True, 1)
         self.sock.flush()
         self.connects += 1
         self.up.set()

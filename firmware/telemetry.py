@@ -17,6 +17,8 @@ class Telemetry:
             "temp_c": board.temperature_c(),
             "uptime_s": ticks_diff(ticks_ms(), device.started) // 1000,
             "heap_free": gc.mem_free(),
+            "backlog": device.backlog.backlog(),  # recorded, not yet acknowledged
+            "dropped": device.backlog.dropped,  # lost to a full flash budget, ever
         }
         rssi = board.rssi()
         if rssi is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fleet.server import NatsServer
+from support import GatewayThread
 
 
 @pytest.fixture
@@ -19,3 +20,11 @@ def server(tmp_path: Path) -> Iterator[NatsServer]:
         yield nats
     finally:
         nats.stop()
+
+
+@pytest.fixture
+def gateway(server: NatsServer) -> Iterator[GatewayThread]:
+    """A gateway serving the server: boards' batches need it to be stored
+    and acknowledged, as in the real system."""
+    with GatewayThread(server.url) as running:
+        yield running

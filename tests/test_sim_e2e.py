@@ -11,6 +11,7 @@ import pytest
 from fleet.observe import FleetObserver
 from fleet.server import NatsServer
 from fleet.simulator import Simulator
+from support import GatewayThread
 
 KEEPALIVE_S = 2
 FAST = {
@@ -23,7 +24,7 @@ FAST = {
 
 
 @pytest.fixture
-def sim(tmp_path: Path, server: NatsServer) -> Iterator[Simulator]:
+def sim(tmp_path: Path, server: NatsServer, gateway: GatewayThread) -> Iterator[Simulator]:
     simulator = Simulator(tmp_path / "sim", server.host, server.mqtt_port, settings_defaults=FAST)
     try:
         yield simulator
@@ -221,7 +222,7 @@ def test_jetstream_holds_each_devices_readings_in_increasing_sequence(sim: Simul
 
 
 @pytest.fixture
-def faulty_sim(tmp_path: Path, server: NatsServer) -> Iterator[Simulator]:
+def faulty_sim(tmp_path: Path, server: NatsServer, gateway: GatewayThread) -> Iterator[Simulator]:
     simulator = Simulator(tmp_path / "sim", server.host, server.mqtt_port, settings_defaults=FAST, fault_injection=True)
     try:
         yield simulator

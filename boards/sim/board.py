@@ -73,5 +73,6 @@ class Board:
 
     # -- time ----------------------------------------------------------------------
     def time_s(self):
-        # Unix time in seconds, or None before the clock is set.
-        return int(time.time())
+        # Unix time in seconds, or None before the clock is set. The host
+        # clock is always set; milliseconds let the host measure latency.
+        return time.time_ns() // 1000000 / 1000

@@ -38,6 +38,7 @@ from nats.micro.request import Request, ServiceError
 from nats.micro.service import Service
 
 from . import __version__
+from .forwarding import BatchSplitter, SplitterConfig
 from .natsconn import connect
 from .protocol import (
     DEVICES_BUCKET,
@@ -48,7 +49,7 @@ from .protocol import (
     nats_subject,
     topic_root,
 )
-from .wire import DeviceRecord, MalformedPayload, Presence, TelemetryReading
+from .wire import DeviceRecord, ForwardingState, MalformedPayload, Presence, TelemetryReading
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class GatewayConfig:
     fetch_wait: float = 1.0
     ack_wait: float = 30.0
     connect_timeout: float = 5.0
+    splitter: SplitterConfig = SplitterConfig()
 
 
 @dataclass
@@ -178,6 +180,7 @@ class Gateway:
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
         self._service: Service | None = None
+        self.splitter: BatchSplitter | None = None
         self._consumer_tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -211,6 +214,8 @@ class Gateway:
             for stream in (self._telemetry_stream_config(), self._presence_stream_config()):
                 await self._ensure_stream(stream)
             self._kv = await self._ensure_bucket()
+            self.splitter = BatchSplitter(self._nc, self._js, self.config.splitter)
+            await self.splitter.start(self._ensure_stream)
             subscriptions = [await self._subscribe(feed) for feed in self._feeds]
             self._consumer_tasks = [
                 asyncio.create_task(self._consume(feed, subscription), name=f"fleet-gateway-{feed.kind}")
@@ -245,6 +250,8 @@ class Gateway:
                 await self._service.stop()
             except Exception as error:  # the connection may already be gone
                 log.debug("stopping the service: %s", error)
+        if self.splitter is not None:
+            await self.splitter.stop()
         if self._consumer_tasks:
             _, unfinished = await asyncio.wait(self._consumer_tasks, timeout=self.config.fetch_wait + 10)
             for task in unfinished:
@@ -484,6 +491,10 @@ class Gateway:
 
     async def _handle_devices(self, request: Request) -> None:
         records = await self.list_records()
+        assert self.splitter is not None
+        forwarding = await self.splitter.states()
+        for record in records:
+            _merge_forwarding(record, forwarding.get(record.id))
         await request.respond(_json_list([record.to_bytes() for record in records]))
 
     async def _handle_device(self, request: Request) -> None:
@@ -495,7 +506,21 @@ class Gateway:
             entry = await self._kv.get(device_id)
         except KeyNotFoundError:
             raise ServiceError("404", f"unknown device {device_id}") from None
-        await request.respond(DeviceRecord.from_json(entry.value or b"").to_bytes())
+        record = DeviceRecord.from_json(entry.value or b"")
+        assert self.splitter is not None
+        _merge_forwarding(record, await self.splitter.state(device_id))
+        await request.respond(record.to_bytes())
+
+
+def _merge_forwarding(record: DeviceRecord, state: ForwardingState | None) -> None:
+    # The splitter's counts are fresher than the last reading's own fields:
+    # the batch says how much was still waiting when it was sent.
+    if state is None:
+        return
+    record.backlog = state.backlog
+    record.dropped = state.dropped
+    record.forwarded = state.forwarded
+    record.duplicates = state.duplicates
 
 
 def _json_list(encoded_items: list[bytes]) -> bytes:

@@ -28,6 +28,9 @@ class DeviceView:
     readings: list[dict[str, Any]] = field(default_factory=list)
     last_seen: float | None = None
     malformed: int = 0
+    dropped: int = 0
+    batches: int = 0
+    resent: int = 0  # readings seen again in a batch sent a second time
 
     @property
     def last_reading(self) -> dict[str, Any] | None:
@@ -75,7 +78,7 @@ class FleetObserver:
         self.stop()
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        client.subscribe([(mqtt_topic("+", "status"), 1), (mqtt_topic("+", "telemetry"), 1), (mqtt_topic("+", "pong"), 0)])
+        client.subscribe([(mqtt_topic("+", "status"), 1), (mqtt_topic("+", "batch"), 1), (mqtt_topic("+", "pong"), 0)])
         self._connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -95,9 +98,19 @@ class FleetObserver:
                 view.status = payload
                 view.online = bool(payload.get("online"))
                 view.status_changes.append((now, view.online))
-            elif kind == "telemetry" and isinstance(payload, dict):
-                view.readings.append(payload)
+            elif kind == "batch" and isinstance(payload, dict) and isinstance(payload.get("records"), list):
+                # Readings as the board forwards them from its flash log; a
+                # batch sent again (no ack yet) shows its readings once.
+                for record in payload["records"]:
+                    if not isinstance(record, dict) or not isinstance(record.get("seq"), int):
+                        view.malformed += 1
+                    elif view.readings and record["seq"] <= view.readings[-1]["seq"]:
+                        view.resent += 1
+                    else:
+                        view.readings.append(record)
                 del view.readings[: -self.keep_readings]
+                view.dropped = payload.get("dropped", 0)
+                view.batches += 1
                 view.last_seen = now
             elif kind != "pong":
                 view.malformed += 1

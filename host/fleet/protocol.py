@@ -17,7 +17,10 @@ from .paths import PROTOCOL_FILE
 API_PREFIX = "fleet-api"
 TELEMETRY_STREAM = "FLEET_TELEMETRY"
 PRESENCE_STREAM = "FLEET_PRESENCE"
+BATCH_STREAM = "FLEET_BATCHES"
 DEVICES_BUCKET = "fleet_devices"
+FORWARDING_BUCKET = "fleet_forwarding"
+LEASE_BUCKET = "fleet_leases"
 
 # The firmware's "id" settings type (firmware/settings.py valid_id): also a
 # valid NATS subject token and KV key, so the host can use ids as both.

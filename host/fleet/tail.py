@@ -186,4 +186,37 @@ async def follow(
     return delivered
 
 
-__all__ = ["Reading", "StreamMissing", "follow"]
+async def stored(nats_url: str, device: str | None, *, timeout: float = 5.0) -> list[Reading]:
+    """Every telemetry message of `device` (None: all) stored right now, oldest first."""
+    if device is not None and not is_valid_device_id(device):
+        raise ValueError(f"invalid device id {device!r}: expected [A-Za-z0-9_-]{{1,32}}")
+    subject = nats_subject(device or "*", "telemetry")
+    nc = await connect(nats_url, name="fleet-tail", timeout=timeout)
+    try:
+        js = nc.jetstream(timeout=timeout)
+        try:
+            info = await js.stream_info(TELEMETRY_STREAM)
+        except NotFoundError:
+            raise StreamMissing(f"no {TELEMETRY_STREAM} stream on {nats_url}") from None
+        first = max(info.state.first_seq, 1)
+        count = await _pending_from(js, subject, first)
+        readings: list[Reading] = []
+        if count == 0:
+            return readings
+        subscription = await js.subscribe(
+            subject,
+            stream=TELEMETRY_STREAM,
+            ordered_consumer=True,
+            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first),
+        )
+        try:
+            while len(readings) < count:
+                readings.append(Reading.from_msg(await subscription.next_msg(timeout=timeout)))
+        finally:
+            await _discard(js, subscription)
+        return readings
+    finally:
+        await nc.close()
+
+
+__all__ = ["Reading", "StreamMissing", "follow", "stored"]

@@ -9,7 +9,7 @@ fleet API.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 # Telemetry fields the firmware sends (firmware/device.py, telemetry.py) and
@@ -23,6 +23,8 @@ _TELEMETRY_FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "heap_free": (int, type(None)),
     "temp_c": (int, float, type(None)),
     "rssi": (int, float, type(None)),
+    "backlog": (int, type(None)),
+    "dropped": (int, type(None)),
 }
 
 _PRESENCE_FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -52,6 +54,10 @@ _RECORD_FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "presence_stream_seq": (int,),
     "telemetry_at": (*_NUMBER, type(None)),
     "telemetry_stream_seq": (int,),
+    "backlog": (int, type(None)),
+    "dropped": (int, type(None)),
+    "forwarded": (int, type(None)),
+    "duplicates": (int, type(None)),
 }
 
 
@@ -161,6 +167,11 @@ class DeviceRecord:
     presence_stream_seq: int = 0
     telemetry_at: float | None = None
     telemetry_stream_seq: int = 0
+    # From the forwarding state (fleet_forwarding), filled in when served:
+    backlog: int | None = None  # readings on the board not yet acknowledged
+    dropped: int | None = None  # readings the board lost to a full flash budget
+    forwarded: int | None = None  # readings split into the telemetry stream
+    duplicates: int | None = None  # readings received again and not stored twice
 
     @classmethod
     def from_json(cls, data: bytes | str | dict[str, Any]) -> DeviceRecord:
@@ -188,4 +199,92 @@ class DeviceRecord:
         return float(temp) if isinstance(temp, (int, float)) and not isinstance(temp, bool) else None
 
 
-__all__ = ["DeviceRecord", "MalformedPayload", "Presence", "TelemetryReading"]
+@dataclass(frozen=True)
+class ForwardedRecord:
+    """One reading inside a batch: its sequence and its JSON exactly as sent."""
+
+    seq: int
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class ReadingBatch:
+    """A message on fleet/<id>/batch: readings forwarded from the board's log.
+
+    `dropped` is the board's running count of readings lost to its flash
+    budget; `backlog` is how many were still waiting after this batch.
+    Records that are not readings are counted in `malformed` and left out:
+    one bad record must not hold back the good ones around it.
+    """
+
+    dropped: int
+    backlog: int
+    records: tuple[ForwardedRecord, ...]
+    malformed: int = 0
+
+    @classmethod
+    def parse(cls, data: bytes) -> ReadingBatch:
+        value = _json_object(data)
+        records = value.get("records")
+        if not isinstance(records, list):
+            raise MalformedPayload("no 'records' list")
+        counts = {}
+        for name in ("dropped", "backlog"):
+            count = value.get(name, 0)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise MalformedPayload(f"{name} is not a count")
+            counts[name] = count
+        parsed: list[ForwardedRecord] = []
+        malformed = 0
+        for record in records:
+            try:
+                if not isinstance(record, dict):
+                    raise MalformedPayload("a record is not an object")
+                reading = TelemetryReading.parse(json.dumps(record).encode())
+            except MalformedPayload:
+                malformed += 1
+                continue
+            parsed.append(ForwardedRecord(reading.seq, json.dumps(record, separators=(",", ":")).encode()))
+        return cls(counts["dropped"], counts["backlog"], tuple(parsed), malformed)
+
+
+@dataclass
+class ForwardingState:
+    """Per device, in the `fleet_forwarding` KV bucket: what the splitter did.
+
+    `last_seq` is the high-water mark that makes forwarding exactly once: the
+    board sends oldest first and its sequence only grows, so a record at or
+    below it was stored before (a batch sent again after a lost PUBACK).
+    """
+
+    id: str
+    last_seq: int = -1
+    forwarded: int = 0
+    duplicates: int = 0
+    malformed: int = 0
+    dropped: int = 0
+    backlog: int = 0
+    gaps: list[dict[str, int]] = field(default_factory=list)  # newest last, bounded
+    batches: int = 0
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ForwardingState:
+        value = _json_object(data)
+        if not isinstance(value.get("id"), str):
+            raise MalformedPayload("a forwarding state has a string 'id'")
+        known = {f.name for f in fields(cls)}
+        return cls(**{name: item for name, item in value.items() if name in known})
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+
+__all__ = [
+    "DeviceRecord",
+    "ForwardedRecord",
+    "ForwardingState",
+    "MalformedPayload",
+    "Presence",
+    "ReadingBatch",
+    "TelemetryReading",
+]

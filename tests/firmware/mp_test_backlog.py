@@ -130,3 +130,88 @@ def test_flash_bytes_per_record_stay_close_to_the_record_size():
         log.commit(position)
     per_record = log.flash_bytes / 320
     assert per_record < len(body(100)) + 6 + 8, per_record
+
+
+def drain(log, max_bytes=512):
+    # Forwarding as the device does it: flushed records first, then RAM.
+    got = []
+    while True:
+        bodies, token = log.next_batch(max_bytes)
+        if not bodies:
+            return got
+        got.extend(bodies)
+        log.ack(token)
+
+
+def test_readings_acknowledged_from_ram_never_reach_flash():
+    log = BacklogLog(flush_records=16, flush_ms=60000)
+    for i in range(10):
+        log.append(body(i))
+        assert drain(log) == [body(i)]
+    assert log.flash_bytes == 0 and log.backlog() == 0
+
+
+def test_flushed_records_go_before_the_ones_still_in_ram():
+    log = BacklogLog(flush_records=4, flush_ms=60000)
+    for i in range(10):  # 8 flushed, 2 in RAM
+        log.append(body(i))
+    assert log.backlog() == 10
+    first, token = log.next_batch(10)
+    assert first == [body(0)]
+    log.ack(token)
+    assert drain(log) == [body(i) for i in range(1, 10)]
+    assert log.backlog() == 0
+    log.append(body(10))
+    log.flush()
+    assert drain(BacklogLog()) == [body(10)]  # nothing acknowledged comes back
+
+
+def test_a_ram_batch_not_acknowledged_is_offered_again_and_survives_a_flush():
+    log = BacklogLog(flush_records=16, flush_ms=60000)
+    for i in range(3):
+        log.append(body(i))
+    offered, _ = log.next_batch(512)
+    log.flush()  # the link went down: the flush policy writes them out
+    assert drain(log) == offered == [body(0), body(1), body(2)]
+
+
+def test_backlog_count_is_rebuilt_at_boot():
+    log = BacklogLog(flush_records=1)
+    for i in range(7):
+        log.append(body(i))
+    bodies, token = log.next_batch(60)
+    log.ack(token)
+    assert BacklogLog().backlog() == 7 - len(bodies)
+
+
+def test_a_corrupt_record_is_counted_once_however_often_it_is_read():
+    log = BacklogLog(flush_records=1)
+    for i in range(3):
+        log.append(body(i))
+    name = newest_segment()
+    with open(name, "rb") as f:
+        data = bytearray(f.read())
+    data[-3] ^= 0xFF
+    with open(name, "wb") as f:
+        f.write(data)
+    rebooted = BacklogLog(flush_records=1)
+    for _ in range(3):
+        rebooted.read_batch(512)
+    assert drain(rebooted) == [body(0), body(1)]
+    assert rebooted.corrupt == 1
+
+
+def test_a_failing_write_drops_the_oldest_and_recording_goes_on():
+    log = BacklogLog(budget=1 << 20, segment_size=300, flush_records=4)
+    for i in range(40):
+        log.append(body(i))
+    # The next segment cannot be written (as when the filesystem is full).
+    blocked = "log/%08d.seg" % (log.active + 1)
+    os.mkdir(blocked)
+    for i in range(40, 80):
+        log.append(body(i))
+    os.rmdir(blocked)
+    got = drain(log)
+    assert log.dropped > 0
+    assert len(got) + log.dropped == 80, (len(got), log.dropped)
+    assert got[-1] == body(79) and got == sorted(got, key=lambda b: int(b[8:b.index(b",")]))
