@@ -257,7 +257,11 @@ class BacklogLog:
     def commit(self, position, count=0):
         # The broker acknowledged everything before `position` (`count`
         # records since the last commit): persist the cursor, then delete
-        # segments that are wholly behind it.
+        # segments that are wholly behind it. A position behind the cursor
+        # means the budget dropped those records while they were in flight
+        # (already counted as dropped): nothing to do.
+        if position <= (self.seg, self.off):
+            return
         self.seg, self.off = position
         self.unsent = max(0, self.unsent - count)
         self._save_cursor()

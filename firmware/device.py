@@ -159,7 +159,15 @@ class Device:
                     break
                 last = _seq_of(bodies[-1])
                 self.stored.clear()
-                if not link.publish(topic, self._batch(bodies), False, 1):
+                try:
+                    payload = self._batch(bodies)
+                except MemoryError:  # a fragmented heap: smaller batches from now on
+                    bodies = payload = None
+                    limit = max(256, limit // 2)
+                    gc.collect()
+                    log("forward: out of memory for a batch; batch_bytes now %d" % limit)
+                    continue
+                if not link.publish(topic, payload, False, 1):
                     break  # the link is down; this batch goes again on the next connection
                 stored = await self._stored_up_to(last, ack_timeout)
                 if stored is None:
@@ -173,6 +181,7 @@ class Device:
                     log("forward: no ack for seq %d in %d ms; sending again in %d ms" % (last, ack_timeout, pause))
                     break
                 misses = 0
+                payload = None
                 log_.ack(token)
                 self.forwarded += len(bodies)
             if log_.flush_due():
@@ -199,7 +208,7 @@ class Device:
     def _batch(self, bodies):
         # Built by concatenation: the records are JSON already.
         log_ = self.backlog
-        head = '{"dropped": %d, "backlog": %d, "records": [' % (log_.dropped, log_.backlog() - len(bodies))
+        head = '{"dropped": %d, "backlog": %d, "records": [' % (log_.dropped, max(0, log_.backlog() - len(bodies)))
         return head.encode() + b",".join(bodies) + b"]}"
 
     # -- incoming messages ---------------------------------------------------------

@@ -3,50 +3,17 @@ polling of what JetStream holds."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from fleet.forwarding import SplitterConfig
-from fleet.gateway import Gateway, GatewayConfig
+from fleet.background import BackgroundGateway
 from fleet.tail import Reading, stored
-from fleet.wire import ForwardingState
 
 T = TypeVar("T")
 
 
-class GatewayThread:
-    """A real Gateway serving from a background event loop, for sync tests."""
-
-    def __init__(self, nats_url: str) -> None:
-        self.nats_url = nats_url
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="gateway", daemon=True)
-        self.gateway = Gateway(
-            GatewayConfig(nats_url=nats_url, fetch_wait=0.25, splitter=SplitterConfig(fetch_wait=0.25, lease_ttl=3.0))
-        )
-
-    def call(self, coroutine: Any, timeout: float = 30.0) -> Any:
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-        return future.result(timeout)
-
-    def __enter__(self) -> GatewayThread:
-        self.thread.start()
-        self.call(self.gateway.start())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self.call(self.gateway.stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-
-    def forwarding(self, device_id: str) -> ForwardingState | None:
-        assert self.gateway.splitter is not None
-        return self.call(self.gateway.splitter.state(device_id))
+GatewayThread = BackgroundGateway
 
 
 def stored_readings(nats_url: str, device_id: str) -> list[Reading]:

@@ -387,9 +387,12 @@ def test_cli_devices_and_tail_print_what_was_published(server: NatsServer, capsy
 
             assert await asyncio.to_thread(main, ["devices", "--nats", server.url]) == 0
             header, row_a, row_b = capsys.readouterr().out.splitlines()
-            assert header.split() == ["DEVICE", "ONLINE", "BOARD", "FIRMWARE", "BOOTS", "LAST", "SEEN", "SEQ", "TEMP"]
+            assert header.split() == [
+                "DEVICE", "ONLINE", "BOARD", "FIRMWARE", "BOOTS", "LAST", "SEEN", "SEQ", "TEMP", "BACKLOG", "DROPPED"
+            ]
             assert row_a.split()[:5] == ["dev-a", "yes", "sim", "0.1.0", "1"]
-            assert row_a.split()[-3:] == ["ago", "4", "21.5"]
+            # Readings published straight to telemetry: no forwarding state.
+            assert row_a.split()[-5:] == ["ago", "4", "21.5", "-", "-"]
 
             # History: the last two readings of dev-a, although dev-b's came after them.
             argv = ["tail", "dev-a", "--nats", server.url, "--last", "2", "--count", "2", "--json"]

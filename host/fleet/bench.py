@@ -5,23 +5,32 @@ baseline measured in the same run, and the ratio is what to read.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from .background import BackgroundGateway
+from .natsconn import connect
 from .paths import REPO, micropython_executable, micropython_path
+from .protocol import TELEMETRY_STREAM
 from .server import NatsServer
+from .simulator import Simulator
+from .tail import stored
 
 BENCH_DIR = REPO / "tools" / "bench"
 
 
-def _run_micropython(script: str, *args: str, timeout: float = 300) -> str:
+def _run_micropython(script: str, *args: str, timeout: float = 300, cwd: Path | None = None) -> str:
     env = dict(os.environ, MICROPYPATH=f"{micropython_path('sim')}:{BENCH_DIR}")
     result = subprocess.run(
         [micropython_executable(), "-X", "heapsize=128k", str(BENCH_DIR / script), *args],
-        env=env, capture_output=True, text=True, timeout=timeout,
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd,
     )
     if result.returncode != 0:
         raise RuntimeError(f"{script} {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
@@ -40,9 +49,150 @@ def publish_rates(server: NatsServer) -> dict[str, float]:
     return rates
 
 
+@dataclass
+class ForwardingFigures:
+    records: int
+    record_bytes: float  # mean size of one reading's JSON
+    forwarded_per_s: float  # backlog readings landing in FLEET_TELEMETRY, exactly once
+    qos0_per_s: float  # the ceiling: plain umqtt.simple QoS 0, no log
+    exactly_once: bool
+    flash_offline_per_record: float  # log writes while offline
+    flash_cycle_per_record: float  # offline writes + cursor replaced after each ack + seq reservations
+    latencies_ms: list[float]
+
+
+def _stream_times(nats_url: str, device_id: str) -> list[tuple[int, float, float | None]]:
+    """(seq, stored at, recorded at) of every stored reading of a device."""
+    readings = asyncio.run(stored(nats_url, device_id, timeout=30))
+    rows: list[tuple[int, float, float | None]] = []
+    for reading in readings:
+        if isinstance(reading.payload, dict):
+            ts = reading.payload.get("ts")
+            rows.append((int(reading.payload["seq"]), reading.time, float(ts) if isinstance(ts, (int, float)) else None))
+    return rows
+
+
+def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"benchmark: timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _stored_count(nats_url: str) -> int:
+    async def count() -> int:
+        nc = await connect(nats_url, name="fleet-bench")
+        try:
+            return (await nc.jetstream().stream_info(TELEMETRY_STREAM)).state.messages
+        finally:
+            await nc.close()
+
+    return asyncio.run(count())
+
+
+async def _stream_rate(nats_url: str, stream: str, count: int, timeout: float) -> float:
+    """Messages per second as stored: first to last server timestamp, once
+    the stream holds `count`."""
+    nc = await connect(nats_url, name="fleet-bench")
+    try:
+        js = nc.jetstream()
+        deadline = time.monotonic() + timeout
+        while (state := (await js.stream_info(stream)).state).messages < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"benchmark: {stream} holds {state.messages} of {count}")
+            await asyncio.sleep(0.1)
+        first = await js.get_msg(stream, seq=state.first_seq)
+        last = await js.get_msg(stream, seq=state.last_seq)
+        assert first.time is not None and last.time is not None
+        return (count - 1) / max((last.time - first.time).total_seconds(), 1e-6)
+    finally:
+        await nc.close()
+
+
+def qos0_ceiling(server: NatsServer, count: int) -> float:
+    """Plain umqtt.simple QoS 0 publishes of the same readings, no log, into
+    a stream of their own: readings per second as stored."""
+    async def create() -> None:
+        nc = await connect(server.url, name="fleet-bench")
+        try:
+            await nc.jetstream().add_stream(name="BENCH_QOS0", subjects=["bench.qos0"])
+        finally:
+            await nc.close()
+
+    asyncio.run(create())
+    _run_micropython("qos0_ceiling.py", server.host, str(server.mqtt_port), str(count))
+    return asyncio.run(_stream_rate(server.url, "BENCH_QOS0", count, 60))
+
+
+def forwarding(server: NatsServer, data: Path, count: int = 10_000, latency_s: int = 60, batch_bytes: int = 4096) -> ForwardingFigures:
+    """A board boots with `count` readings in its log and forwards them; then
+    records one reading a second while online."""
+    sim = Simulator(data / "sim", server.host, server.mqtt_port)
+    device = sim.add("bench-001", telemetry_interval_ms=1000, backlog_budget=4 * 1024 * 1024, batch_bytes=batch_bytes)
+    out = _run_micropython("fill_backlog.py", str(count), cwd=device.flash_dir)
+    _, records, size, _, offline, cycle, state_bytes = next(l for l in out.splitlines() if l.startswith("RESULT")).split()
+    qos0_per_s = qos0_ceiling(server, count)
+    with BackgroundGateway(server.url):
+        try:
+            sim.start("bench-001")
+            _wait(lambda: _stored_count(server.url) >= count, 600, f"{count} readings in the stream")
+            rows = _stream_times(server.url, "bench-001")
+            backlog = [row for row in rows if row[0] < count]
+            first, last = backlog[0][1], backlog[-1][1]
+            forwarded_per_s = (len(backlog) - 1) / max(last - first, 1e-6)
+            seqs = [row[0] for row in backlog]
+            exactly_once = seqs == list(range(count))
+            # Live: readings recorded after the backlog, one a second.
+            started = len(rows)
+            _wait(lambda: len(_stream_times(server.url, "bench-001")) >= started + latency_s, latency_s * 2 + 30, "live readings")
+            live = [row for row in _stream_times(server.url, "bench-001") if row[0] >= count][-latency_s:]
+        finally:
+            sim.stop_all()
+    latencies = [(stored_at - recorded) * 1000 for _, stored_at, recorded in live if recorded is not None]
+    return ForwardingFigures(
+        records=int(records),
+        record_bytes=int(size) / int(records),
+        forwarded_per_s=forwarded_per_s,
+        qos0_per_s=qos0_per_s,
+        exactly_once=exactly_once,
+        flash_offline_per_record=int(offline) / 2000,
+        flash_cycle_per_record=int(cycle) / 2000 + float(state_bytes),
+        latencies_ms=latencies,
+    )
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "server") as server:
         rates = publish_rates(server)
+        figures = forwarding(server, Path(tmp))
+    print_publish_rates(rates)
+    print()
+    print(f"Store-and-forward: a backlog of {figures.records:,} readings ({figures.record_bytes:.0f} bytes each), MicroPython unix port, loopback")
+    print(f"{'':<52}{'readings/s':>12}{'ratio':>8}")
+    print(f"{'ceiling: umqtt.simple QoS 0 into a stream, no log':<52}{figures.qos0_per_s:>12.0f}{1:>8.2f}")
+    label = "forwarded into FLEET_TELEMETRY, exactly once" if figures.exactly_once else "forwarded (NOT exactly once!)"
+    print(f"{label:<52}{figures.forwarded_per_s:>12.0f}{figures.forwarded_per_s / figures.qos0_per_s:>8.2f}")
+    print()
+    print("Flash written per reading")
+    print(f"  reading's own size               {figures.record_bytes:7.1f} bytes")
+    print(f"  recorded offline (log)           {figures.flash_offline_per_record:7.1f} bytes  ({figures.flash_offline_per_record / figures.record_bytes:.2f}x)")
+    print(f"  whole cycle (+cursor, +seq)      {figures.flash_cycle_per_record:7.1f} bytes  ({figures.flash_cycle_per_record / figures.record_bytes:.2f}x)")
+    print(f"  online, acknowledged from RAM    {0.0:7.1f} bytes of log (+seq reservations)")
+    print()
+    lat = figures.latencies_ms
+    if lat:
+        print(f"Live latency, reading recorded -> stored in FLEET_TELEMETRY, {len(lat)} readings at 1/s")
+        print(f"  p50 {_percentile(lat, 0.5):6.1f} ms   p99 {_percentile(lat, 0.99):6.1f} ms   max {max(lat):6.1f} ms")
+    return 0
+
+
+def print_publish_rates(rates: dict[str, float]) -> None:
     base = rates["plain"]
     print("QoS 1 publish rate through umqtt.simple, loopback, MicroPython unix port")
     print(f"{'socket':<44}{'msgs/s':>10}{'x plain':>10}")
@@ -54,7 +204,6 @@ def main() -> int:
     }
     for mode, rate in rates.items():
         print(f"{labels[mode]:<44}{rate:>10.0f}{rate / base:>10.1f}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ async def fetch_device(nats_url: str, device_id: str, timeout: float = 5.0) -> D
 
 # -- presentation ------------------------------------------------------------------
 
-TABLE_COLUMNS = ("DEVICE", "ONLINE", "BOARD", "FIRMWARE", "BOOTS", "LAST SEEN", "SEQ", "TEMP")
+TABLE_COLUMNS = ("DEVICE", "ONLINE", "BOARD", "FIRMWARE", "BOOTS", "LAST SEEN", "SEQ", "TEMP", "BACKLOG", "DROPPED")
 
 
 def format_age(seconds: float) -> str:
@@ -106,6 +106,8 @@ def table_row(record: DeviceRecord, now: float) -> tuple[str, ...]:
         format_age(now - record.last_seen) if record.last_seen is not None else "never",
         text(record.last_seq),
         f"{temp:.1f}" if temp is not None else "-",
+        text(record.backlog),
+        text(record.dropped),
     )
 
 

@@ -1,0 +1,54 @@
+"""A gateway serving from its own thread, for synchronous callers (the
+benchmark, tests): the real Gateway on a private event loop."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from .forwarding import SplitterConfig
+from .gateway import Gateway, GatewayConfig
+from .wire import ForwardingState
+
+T = TypeVar("T")
+
+
+class BackgroundGateway:
+    def __init__(self, nats_url: str, fetch_wait: float = 0.25) -> None:
+        self.nats_url = nats_url
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fleet-gateway", daemon=True)
+        self.gateway = Gateway(
+            GatewayConfig(
+                nats_url=nats_url,
+                fetch_wait=fetch_wait,
+                splitter=SplitterConfig(fetch_wait=fetch_wait, lease_ttl=3.0),
+            )
+        )
+
+    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        """Run a coroutine on the gateway's loop and wait for its result."""
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        return future.result(timeout)
+
+    def __enter__(self) -> BackgroundGateway:
+        self.thread.start()
+        self.call(self.gateway.start())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.call(self.gateway.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+    def forwarding(self, device_id: str) -> ForwardingState | None:
+        assert self.gateway.splitter is not None
+        return self.call(self.gateway.splitter.state(device_id))
+
+
+__all__ = ["BackgroundGateway"]

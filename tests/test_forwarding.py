@@ -1,0 +1,151 @@
+"""The gateway's batch splitter against a real nats-server, with paho-mqtt
+standing in for a board: exactly once by the per-device mark (however late a
+batch comes again), the ack a board waits for, gaps, malformed batches, and
+one splitter at a time across gateway instances."""
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+from collections.abc import Iterator
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from support import GatewayThread, stored_readings, wait_for
+
+from fleet.server import NatsServer
+from fleet.wire import MalformedPayload, ReadingBatch
+
+
+class StandInBoard:
+    """Publishes batches as the firmware does and hears the gateway's acks."""
+
+    def __init__(self, server: NatsServer, device_id: str) -> None:
+        self.device_id = device_id
+        self.acks: queue.Queue[int] = queue.Queue()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, clean_session=False)
+        self.client.on_message = lambda c, u, m: self.acks.put(int(m.payload))
+        self.client.connect(server.host, server.mqtt_port)
+        self.client.loop_start()
+        self.client.subscribe(f"fleet/{device_id}/ack", 0)[1]
+
+    def send(self, seqs: list[int], dropped: int = 0, backlog: int = 0, raw: bytes | None = None) -> None:
+        records = [{"seq": s, "ts": 1.0 + s, "boot": 1, "temp_c": 20.0 + s} for s in seqs]
+        payload = raw if raw is not None else json.dumps({"dropped": dropped, "backlog": backlog, "records": records}).encode()
+        self.client.publish(f"fleet/{self.device_id}/batch", payload, qos=1).wait_for_publish(5)
+
+    def ack(self, timeout: float = 10.0) -> int:
+        return self.acks.get(timeout=timeout)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def board(server: NatsServer, gateway: GatewayThread) -> Iterator[StandInBoard]:
+    stand_in = StandInBoard(server, "dev-1")
+    wait_for(lambda: _subscribed(gateway), "the gateway", 5)
+    try:
+        yield stand_in
+    finally:
+        stand_in.close()
+
+
+def _subscribed(gateway: GatewayThread) -> bool:
+    return gateway.gateway.splitter is not None and gateway.gateway.splitter.leader
+
+
+def seqs(server: NatsServer, device_id: str = "dev-1") -> list[int]:
+    return [r.payload["seq"] for r in stored_readings(server.url, device_id)]  # type: ignore[index]
+
+
+def test_each_record_is_stored_once_and_the_board_hears_the_last_sequence(board: StandInBoard, server: NatsServer) -> None:
+    board.send([1, 2, 3])
+    assert board.ack() == 3
+    board.send([4, 5])
+    assert board.ack() == 5
+    assert seqs(server) == [1, 2, 3, 4, 5]
+
+
+def test_a_batch_sent_again_long_after_is_not_stored_twice_but_acknowledged(
+    board: StandInBoard, server: NatsServer, gateway: GatewayThread
+) -> None:
+    board.send([1, 2, 3])
+    assert board.ack() == 3
+    # Past any duplicate window: only the mark can tell (a board whose ack got lost).
+    board.send([2, 3, 4])
+    assert board.ack() == 4
+    board.send([1, 2, 3, 4])
+    assert board.ack() == 4
+    assert seqs(server) == [1, 2, 3, 4]
+    state = gateway.forwarding("dev-1")
+    assert state is not None and state.duplicates == 2 + 4 and state.forwarded == 4
+
+
+def test_readings_dropped_on_the_board_show_as_a_counted_gap(board: StandInBoard, gateway: GatewayThread) -> None:
+    board.send([1, 2], dropped=0)
+    board.ack()
+    board.send([40, 41], dropped=37, backlog=5)
+    board.ack()
+    state = gateway.forwarding("dev-1")
+    assert state is not None
+    assert state.dropped == 37 and state.gaps == [{"after_seq": 2, "dropped": 37}] and state.backlog == 5
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"not json", b"[1, 2]", b'{"records": 5}', b'{"dropped": -1, "records": []}', b"\xff\xfe"],
+)
+def test_a_malformed_batch_is_counted_and_the_next_one_still_goes_through(
+    board: StandInBoard, server: NatsServer, gateway: GatewayThread, raw: bytes
+) -> None:
+    board.send([], raw=raw)
+    board.ack()
+    board.send([7, 8])
+    assert board.ack() == 8
+    assert seqs(server) == [7, 8]
+    state = gateway.forwarding("dev-1")
+    assert state is not None and state.malformed == 1
+
+
+def test_a_record_without_a_sequence_is_left_out_and_counted(board: StandInBoard, server: NatsServer, gateway: GatewayThread) -> None:
+    board.send([], raw=b'{"dropped": 0, "records": [{"seq": 1}, {"temp_c": 3}, "x", {"seq": 2}]}')
+    assert board.ack() == 2
+    assert seqs(server) == [1, 2]
+    state = gateway.forwarding("dev-1")
+    assert state is not None and state.malformed == 2
+
+
+def test_batches_parse_into_records_with_their_own_bytes() -> None:
+    batch = ReadingBatch.parse(b'{"dropped": 3, "backlog": 9, "records": [{"seq": 5, "t": 1.5}]}')
+    assert batch.dropped == 3 and batch.backlog == 9
+    assert [(r.seq, json.loads(r.raw)) for r in batch.records] == [(5, {"seq": 5, "t": 1.5})]
+    with pytest.raises(MalformedPayload):
+        ReadingBatch.parse(b'{"dropped": true, "records": []}')
+
+
+def test_only_one_gateway_splits_and_the_other_takes_over_when_it_stops(server: NatsServer) -> None:
+    first = GatewayThread(server.url).__enter__()
+    second = GatewayThread(server.url).__enter__()
+    try:
+        splitters = [first.gateway.splitter, second.gateway.splitter]
+        wait_for(lambda: any(s is not None and s.leader for s in splitters), "a lease holder", 10)
+        assert sum(1 for s in splitters if s is not None and s.leader) == 1
+        holder, other = (first, second) if first.gateway.splitter.leader else (second, first)  # type: ignore[union-attr]
+        board = StandInBoard(server, "dev-2")
+        try:
+            board.send([1, 2])
+            assert board.ack() == 2
+            holder.__exit__(None, None, None)
+            wait_for(lambda: other.gateway.splitter is not None and other.gateway.splitter.leader, "a new holder", 15)
+            board.send([3])
+            assert board.ack() == 3
+            assert seqs(server, "dev-2") == [1, 2, 3]
+        finally:
+            board.close()
+    finally:
+        for running in (first, second):
+            if running.thread.is_alive():
+                running.__exit__(None, None, None)
