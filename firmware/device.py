@@ -10,6 +10,7 @@ from time import sleep_ms, ticks_add, ticks_diff, ticks_ms
 import board as profile
 import settings as settings_mod
 from backlog import BacklogLog
+from config import Config
 from link import Link
 from state import DeviceState
 from telemetry import Telemetry
@@ -83,6 +84,11 @@ class Device:
         self.link.birth = self._birth  # built at each connect: it carries the backlog
         self.link.subscribe(self.topics["ping"], 0)
         self.link.subscribe(self.topics["ack"], 0)
+        # QoS 0 on purpose: the broker then queues nothing for the offline
+        # session, and the retained message, sent on every (re)subscribe,
+        # brings just the latest configuration. QoS 1 would replay every
+        # change made while the board was away.
+        self.link.subscribe(self.topics["config"], 0)
         self.telemetry = Telemetry(self, settings["telemetry_interval_ms"])
         self.backlog = BacklogLog(
             "log", settings["backlog_budget"], max(1024, settings["backlog_budget"] // 16),
@@ -95,6 +101,26 @@ class Device:
         self.forwarded = 0
         self.rejected = 0  # readings refused by record() (too large)
         self.errors = 0
+        self.log_level = "info"
+        self.display_text = ""
+        self.config = Config(protocol["config"], self._apply_config, self._report_config, log)
+        self.config.load()  # before any connection: what was last applied
+
+    def _apply_config(self, values):
+        # Everything the configuration controls, live, without a reboot.
+        settings = self.settings
+        self.telemetry.interval_ms = values.get("telemetry_interval_ms", settings["telemetry_interval_ms"])
+        self.backlog.flush_records = values.get("flush_records", settings["flush_records"])
+        self.backlog.flush_ms = values.get("flush_ms", settings["flush_ms"])
+        self.log_level = values.get("log_level", "info")
+        self.board.led(values.get("led", False))
+        text = values.get("display", "")
+        if text != self.display_text:
+            self.display_text = text
+            log("display: " + text)
+
+    def _report_config(self, payload):
+        self.link.publish(self.topics["config/reported"], payload, True, 1)
 
     def _presence(self, online):
         status = {
@@ -108,6 +134,8 @@ class Device:
         if online:
             status["backlog"] = self.backlog.backlog()
             status["dropped"] = self.backlog.dropped
+            status["groups"] = self.settings["groups"]
+            status["config"] = self.config.version
         return json.dumps(status).encode()
 
     def _birth(self):
@@ -126,6 +154,8 @@ class Device:
             self.rejected += 1
             log("reading %d rejected: %s" % (reading["seq"], e))
             return False
+        if self.log_level == "debug":
+            log("reading %d recorded" % reading["seq"])
         self.recorded.set()
         return True
 
@@ -153,39 +183,48 @@ class Device:
             if link.connects != connects:  # a new connection: send at once
                 connects = link.connects
                 resend_at = ticks_ms()
-            while link.connected and ticks_diff(ticks_ms(), resend_at) >= 0:
-                bodies, token = log_.next_batch(limit)
-                if not bodies:
-                    break
-                last = _seq_of(bodies[-1])
-                self.stored.clear()
-                try:
-                    payload = self._batch(bodies)
-                except MemoryError:  # a fragmented heap: smaller batches from now on
-                    bodies = payload = None
-                    limit = max(256, limit // 2)
-                    gc.collect()
-                    log("forward: out of memory for a batch; batch_bytes now %d" % limit)
-                    continue
-                if not link.publish(topic, payload, False, 1):
-                    break  # the link is down; this batch goes again on the next connection
-                stored = await self._stored_up_to(last, ack_timeout)
-                if stored is None:
-                    break  # the link went down meanwhile
-                if not stored:
-                    # The first miss is likely a lost message: resend at
-                    # once. More mean no gateway is storing: back off.
-                    pause = 0 if not misses else min(ack_timeout << min(misses - 1, 8), 60000)
-                    misses += 1
-                    resend_at = ticks_add(ticks_ms(), pause)
-                    log("forward: no ack for seq %d in %d ms; sending again in %d ms" % (last, ack_timeout, pause))
-                    break
-                misses = 0
-                payload = None
-                log_.ack(token)
-                self.forwarded += len(bodies)
+            try:
+                resend_at, misses = await self._forward_batches(topic, limit, ack_timeout, resend_at, misses)
+            except MemoryError:  # a fragmented heap: smaller batches from now on
+                limit = max(256, limit // 2)
+                gc.collect()
+                log("forward: out of memory for a batch; batch_bytes now %d" % limit)
+            except Exception as e:  # never let the forwarder die: the log keeps everything
+                self.errors += 1
+                log("forward: %r" % (e,))
             if log_.flush_due():
                 log_.flush()
+
+    async def _forward_batches(self, topic, limit, ack_timeout, resend_at, misses):
+        # One pass over the log while the link is up; returns the state the
+        # forwarder keeps between passes.
+        log_ = self.backlog
+        link = self.link
+        while link.connected and ticks_diff(ticks_ms(), resend_at) >= 0:
+            bodies, token = log_.next_batch(limit)
+            if not bodies:
+                break
+            last = _seq_of(bodies[-1])
+            self.stored.clear()
+            payload = self._batch(bodies)
+            if not link.publish(topic, payload, False, 1):
+                break  # the link is down; this batch goes again on the next connection
+            stored = await self._stored_up_to(last, ack_timeout)
+            if stored is None:
+                break  # the link went down meanwhile
+            if not stored:
+                # The first miss is likely a lost message: resend at
+                # once. More mean no gateway is storing: back off.
+                pause = 0 if not misses else min(ack_timeout << min(misses - 1, 8), 60000)
+                misses += 1
+                resend_at = ticks_add(ticks_ms(), pause)
+                log("forward: no ack for seq %d in %d ms; sending again in %d ms" % (last, ack_timeout, pause))
+                break
+            misses = 0
+            payload = None
+            log_.ack(token)
+            self.forwarded += len(bodies)
+        return resend_at, misses
 
     async def _stored_up_to(self, seq, timeout_ms):
         # True once the gateway has stored `seq`, False after timeout_ms,
@@ -242,9 +281,13 @@ class Device:
     def handle(self, topic, payload, discarded):
         if discarded:
             log("message on %s dropped: %d bytes is over max_payload" % (topic, discarded))
+            if topic == self.topics["config"]:
+                self.config.reject("payload of %d bytes is over max_payload" % discarded)
             return
         if topic == self.topics["ping"]:
             self.link.publish(self.topics["pong"], payload, False, 0)
+        elif topic == self.topics["config"]:
+            self.config.receive(payload)
 
     # -- main loop -----------------------------------------------------------------
     async def run(self):

@@ -83,6 +83,12 @@ class Link:
         except LINK_ERRORS as e:
             self._drop(e)
             return False
+        except MemoryError as e:
+            # Part of the packet may be gathered already: the stream is no
+            # longer in step, so the connection goes. The caller decides
+            # whether to try smaller.
+            self._drop(e)
+            raise
 
     # -- connection lifecycle ---------------------------------------------------
 

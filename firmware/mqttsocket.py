@@ -58,7 +58,9 @@ class PacketSocket:
             n = len(buf)
         end = self.n + n
         if end > len(self.out):
-            grown = bytearray(max(end, 2 * len(self.out)))
+            # Grown to fit, in 512-byte steps: doubling would ask a
+            # fragmented heap for twice the biggest packet.
+            grown = bytearray((end + 511) & ~511)
             grown[: self.n] = self.out[: self.n]
             self.out = grown
         self.out[self.n : end] = memoryview(buf)[:n]

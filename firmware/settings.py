@@ -29,9 +29,17 @@ def load_protocol(path=None):
         return json.load(f)
 
 
-def _check(name, rule, value):
+def check(rule, value):
+    # None when `value` obeys `rule` (a protocol.json schema entry), else
+    # what is wrong with it, in a few words.
     kind = rule["type"]
-    if kind == "int":
+    if kind == "bool":
+        if not isinstance(value, bool):
+            return "must be true or false, got %r" % (value,)
+    elif kind == "choice":
+        if value not in rule["values"]:
+            return "must be one of %s, got %r" % (", ".join(rule["values"]), value)
+    elif kind == "int":
         if not isinstance(value, int) or isinstance(value, bool):
             return "must be an integer, got %r" % (value,)
         if not rule.get("min", value) <= value <= rule.get("max", value):
@@ -63,7 +71,7 @@ def validate(raw, schema):
     out = {}
     for name, rule in schema.items():
         if name in raw and raw[name] is not None:
-            problem = _check(name, rule, raw[name])
+            problem = check(rule, raw[name])
             if problem:
                 raise SettingsError("%s: %s" % (name, problem))
             out[name] = raw[name]

@@ -26,5 +26,5 @@ def server(tmp_path: Path) -> Iterator[NatsServer]:
 def gateway(server: NatsServer) -> Iterator[GatewayThread]:
     """A gateway serving the server: boards' batches need it to be stored
     and acknowledged, as in the real system."""
-    with GatewayThread(server.url) as running:
+    with GatewayThread(server.url, mqtt=(server.host, server.mqtt_port)) as running:
         yield running

@@ -16,7 +16,7 @@ T = TypeVar("T")
 
 
 class BackgroundGateway:
-    def __init__(self, nats_url: str, fetch_wait: float = 0.25) -> None:
+    def __init__(self, nats_url: str, fetch_wait: float = 0.25, mqtt: tuple[str, int] | None = None) -> None:
         self.nats_url = nats_url
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="fleet-gateway", daemon=True)
@@ -25,6 +25,8 @@ class BackgroundGateway:
                 nats_url=nats_url,
                 fetch_wait=fetch_wait,
                 splitter=SplitterConfig(fetch_wait=fetch_wait, lease_ttl=3.0),
+                mqtt_host=mqtt[0] if mqtt else None,
+                mqtt_port=mqtt[1] if mqtt else None,
             )
         )
 

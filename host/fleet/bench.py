@@ -150,7 +150,7 @@ def qos0_ceiling(server: NatsServer, count: int) -> float:
     return asyncio.run(_stream_rate(server.url, "BENCH_QOS0", count, 60))
 
 
-def forwarding(server: NatsServer, data: Path, count: int = 10_000, latency_s: int = 60, batch_bytes: int = 4096) -> ForwardingFigures:
+def forwarding(server: NatsServer, data: Path, count: int = 10_000, latency_s: int = 60, batch_bytes: int = 2048) -> ForwardingFigures:
     """A board boots with `count` readings in its log and forwards them; then
     records one reading a second while online."""
     sim = Simulator(data / "sim", server.host, server.mqtt_port)
@@ -159,7 +159,7 @@ def forwarding(server: NatsServer, data: Path, count: int = 10_000, latency_s: i
     _, records, size, _, offline, cycle, state_bytes = next(l for l in out.splitlines() if l.startswith("RESULT")).split()
     qos0_per_s = qos0_ceiling(server, count)
     python_per_s = python_publish_ceiling(server, count)
-    with BackgroundGateway(server.url):
+    with BackgroundGateway(server.url, mqtt=(server.host, server.mqtt_port)):
         try:
             sim.start("bench-001")
             _wait(lambda: _stored_count(server.url) >= count, 600, f"{count} readings in the stream")

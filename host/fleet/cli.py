@@ -62,6 +62,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         telemetry_max_age=args.telemetry_max_age,
         telemetry_max_bytes=args.telemetry_max_bytes,
         presence_history=args.presence_history,
+        mqtt_host=args.mqtt.rpartition(":")[0] or "127.0.0.1",
+        mqtt_port=int(args.mqtt.rpartition(":")[2]),
     )
 
     async def serve() -> None:
@@ -127,6 +129,59 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return asyncio.run(run_simulation(options))
 
 
+def _config_target(args: argparse.Namespace) -> str:
+    from .config import level_key
+
+    chosen = [name for name, given in (("DEVICE", args.device), ("--group", args.group), ("--all", args.all)) if given]
+    if len(chosen) != 1:
+        raise CommandError("name exactly one target: DEVICE, --group G or --all")
+    return level_key(device=args.device, group=args.group)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+    from datetime import datetime
+
+    from . import configcli
+    from .config import ConfigError, describe_level
+
+    try:
+        if args.action == "get":
+            view = asyncio.run(configcli.get_config(args.nats, args.device))
+            print(json.dumps(view.to_json(), indent=2) if args.json else view.format())
+            return 0
+        if args.action == "set" and args.device and "=" in args.device:
+            # `set --all led=on`: the optional DEVICE slot took the first assignment.
+            args.assignments.insert(0, args.device)
+            args.device = None
+        key = _config_target(args)
+        if args.action == "set":
+            if not args.assignments:
+                raise CommandError("nothing to set: give key=value (key= removes a key)")
+            level = asyncio.run(configcli.set_config(args.nats, key, args.assignments, args.if_version))
+        elif args.action == "rollback":
+            level = asyncio.run(configcli.rollback(args.nats, key, args.to, args.if_version))
+        else:
+            levels = asyncio.run(configcli.history(args.nats, key))
+            if args.json:
+                print(json.dumps([level.to_json() for level in levels], indent=2))
+                return 0
+            if not levels:
+                print(f"{describe_level(key)}: no configuration yet")
+            for level in levels:
+                when = datetime.fromtimestamp(level.time).strftime("%Y-%m-%d %H:%M:%S") if level.time else "-"
+                print(f"version {level.version}  {when}  {json.dumps(level.values, sort_keys=True)}")
+            return 0
+    except ConfigError as error:
+        raise CommandError(str(error)) from None
+    if args.json:
+        print(json.dumps(level.to_json(), indent=2))
+    else:
+        print(f"{describe_level(key)}: version {level.version} {json.dumps(level.values, sort_keys=True)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on stored telemetry, oldest dropped first (default: 1 GiB)")
     p.add_argument("--presence-history", type=int, default=16, metavar="N",
                    help="status messages kept per device (default: %(default)s)")
+    p.add_argument("--mqtt", default="127.0.0.1:1883", metavar="HOST:PORT",
+                   help="the server's MQTT listener, for retained configuration (default: %(default)s)")
     p.set_defaults(func=cmd_gateway)
 
     p = command("devices", "list the devices with presence and last-seen time")
@@ -164,6 +221,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last", type=int, default=0, metavar="N", help="start with the N latest stored readings")
     p.add_argument("--count", type=int, metavar="N", help="stop after N readings")
     p.set_defaults(func=cmd_tail)
+
+    p = command("config", "desired configuration: set, get, history, rollback")
+    actions = p.add_subparsers(dest="action", required=True)
+
+    def config_action(name: str, help: str, device_only: bool = False) -> argparse.ArgumentParser:
+        a = actions.add_parser(name, help=help, description=help)
+        a.add_argument("--nats", default=argparse.SUPPRESS, metavar="URL", help="NATS server URL")
+        a.add_argument("--json", action="store_true", help="print JSON")
+        if device_only:
+            a.add_argument("device", help="device id")
+        else:
+            a.add_argument("device", nargs="?", help="one device")
+            a.add_argument("--group", help="every device in this group")
+            a.add_argument("--all", action="store_true", help="the whole fleet")
+        a.set_defaults(func=cmd_config)
+        return a
+
+    a = config_action("set", "change keys at one level (key=value; key= removes it)")
+    a.add_argument("assignments", nargs="*", metavar="key=value")
+    a.add_argument("--if-version", type=int, metavar="N", help="refuse unless the level is at version N")
+    config_action("get", "desired, reported and in sync, for one device", device_only=True)
+    config_action("history", "every version of one level")
+    a = config_action("rollback", "make an earlier version of one level the current one")
+    a.add_argument("--to", type=int, required=True, metavar="VERSION")
+    a.add_argument("--if-version", type=int, metavar="N", help="refuse unless the level is at version N")
 
     p = command("sim", "run simulated boards (the real firmware in the MicroPython unix port)")
     p.add_argument("--devices", type=int, default=3, help="how many boards (default: %(default)s)")

@@ -38,6 +38,7 @@ from nats.micro.request import Request, ServiceError
 from nats.micro.service import Service
 
 from . import __version__
+from .configpush import ConfigPublisher, reports_stream_config
 from .forwarding import BatchSplitter, SplitterConfig
 from .natsconn import connect
 from .protocol import (
@@ -81,6 +82,9 @@ class GatewayConfig:
     ack_wait: float = 30.0
     connect_timeout: float = 5.0
     splitter: SplitterConfig = SplitterConfig()
+    # The MQTT listener, to publish retained configuration; None: not published.
+    mqtt_host: str | None = None
+    mqtt_port: int | None = None
 
 
 @dataclass
@@ -139,6 +143,10 @@ def apply_events(record: DeviceRecord | None, device_id: str, events: list[Devic
             updated.firmware = presence.firmware if presence.firmware is not None else updated.firmware
             updated.boots = presence.boots if presence.boots is not None else updated.boots
             updated.reset = presence.reset if presence.reset is not None else updated.reset
+            if presence.groups is not None:
+                updated.groups = list(presence.groups)
+            if presence.config is not None:
+                updated.config_version = presence.config
             updated.presence_at, updated.presence_stream_seq = event.order
         elif event.reading is not None:
             if updated.telemetry_at is not None and event.order <= (updated.telemetry_at, updated.telemetry_stream_seq):
@@ -181,6 +189,7 @@ class Gateway:
         self._kv: KeyValue | None = None
         self._service: Service | None = None
         self.splitter: BatchSplitter | None = None
+        self.config_publisher: ConfigPublisher | None = None
         self._consumer_tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -216,6 +225,12 @@ class Gateway:
             self._kv = await self._ensure_bucket()
             self.splitter = BatchSplitter(self._nc, self._js, self.config.splitter)
             await self.splitter.start(self._ensure_stream)
+            await self._ensure_stream(reports_stream_config())
+            if self.config.mqtt_host and self.config.mqtt_port:
+                self.config_publisher = ConfigPublisher(self._js, self.config.mqtt_host, self.config.mqtt_port)
+                await self.config_publisher.start()
+            else:
+                log.warning("no MQTT listener given: configuration is not published to the boards")
             subscriptions = [await self._subscribe(feed) for feed in self._feeds]
             self._consumer_tasks = [
                 asyncio.create_task(self._consume(feed, subscription), name=f"fleet-gateway-{feed.kind}")
@@ -250,6 +265,8 @@ class Gateway:
                 await self._service.stop()
             except Exception as error:  # the connection may already be gone
                 log.debug("stopping the service: %s", error)
+        if self.config_publisher is not None:
+            await self.config_publisher.stop()
         if self.splitter is not None:
             await self.splitter.stop()
         if self._consumer_tasks:

@@ -21,6 +21,8 @@ BATCH_STREAM = "FLEET_BATCHES"
 DEVICES_BUCKET = "fleet_devices"
 FORWARDING_BUCKET = "fleet_forwarding"
 LEASE_BUCKET = "fleet_leases"
+CONFIG_BUCKET = "fleet_config"
+CONFIG_REPORTS_STREAM = "FLEET_CONFIG_REPORTS"
 
 # The firmware's "id" settings type (firmware/settings.py valid_id): also a
 # valid NATS subject token and KV key, so the host can use ids as both.

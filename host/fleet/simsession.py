@@ -80,7 +80,7 @@ async def run_simulation(options: SimOptions, out: TextIO = sys.stdout) -> int:
             server = NatsServer(data_dir / "server")
             server.start()
             host, port = server.host, server.mqtt_port
-            gateway = Gateway(GatewayConfig(nats_url=server.url))
+            gateway = Gateway(GatewayConfig(nats_url=server.url, mqtt_host=server.host, mqtt_port=server.mqtt_port))
             await gateway.start()
             print(f"nats-server: NATS {server.url}  MQTT mqtt://{host}:{port}", file=out)
             print(f"try: FLEET_NATS_URL={server.url} fleet devices", file=out)

@@ -34,6 +34,8 @@ _PRESENCE_FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "firmware": (str, type(None)),
     "boots": (int, type(None)),
     "reset": (str, type(None)),
+    "groups": (list, type(None)),
+    "config": (int, type(None)),
 }
 
 
@@ -54,6 +56,8 @@ _RECORD_FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "presence_stream_seq": (int,),
     "telemetry_at": (*_NUMBER, type(None)),
     "telemetry_stream_seq": (int,),
+    "groups": (list,),
+    "config_version": (int, type(None)),
     "backlog": (int, type(None)),
     "dropped": (int, type(None)),
     "forwarded": (int, type(None)),
@@ -102,6 +106,8 @@ class Presence:
     firmware: str | None = None
     boots: int | None = None
     reset: str | None = None
+    groups: tuple[str, ...] | None = None  # birth only: the device's groups (settings)
+    config: int | None = None  # birth only: the configuration version in force
 
     @classmethod
     def parse(cls, device_id: str, data: bytes) -> Presence:
@@ -119,7 +125,17 @@ class Presence:
             firmware=value.get("firmware"),
             boots=value.get("boots"),
             reset=value.get("reset"),
+            groups=_groups(value.get("groups")),
+            config=value.get("config"),
         )
+
+
+def _groups(value: list[Any] | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not all(isinstance(item, str) for item in value):
+        raise MalformedPayload("groups must be a list of names")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -167,6 +183,8 @@ class DeviceRecord:
     presence_stream_seq: int = 0
     telemetry_at: float | None = None
     telemetry_stream_seq: int = 0
+    groups: list[str] = field(default_factory=list)  # from the last birth message
+    config_version: int | None = None  # configuration version in force at the last birth
     # From the forwarding state (fleet_forwarding), filled in when served:
     backlog: int | None = None  # readings on the board not yet acknowledged
     dropped: int | None = None  # readings the board lost to a full flash budget

@@ -116,3 +116,12 @@ def _listen_on_free_port():
             return listener, port
         except OSError:
             listener.close()
+
+
+def test_the_gather_buffer_grows_to_fit_not_to_double():
+    sock = packet_socket()
+    sock.write(b"x" * 4200)
+    assert len(sock.out) == 4608  # 4200 rounded up to 512, not 8192
+    sock.flush()
+    sock.write(b"y" * 100)
+    assert len(sock.out) == 4608 and sock.n == 100  # reused, not shrunk

@@ -1,0 +1,265 @@
+"""Desired configuration: three levels in a KV bucket with history, merged
+into each device's effective configuration.
+
+Keys in the bucket `fleet_config` (history 64 revisions per key):
+
+    fleet            the whole fleet
+    group.<name>     every device whose settings list the group
+    device.<id>      one device
+
+Each value is a JSON object of configuration keys (firmware/protocol.json
+"config", the same schema the board checks). The effective configuration is
+fleet, then the device's groups in the order its settings list them, then
+the device: later levels override earlier ones. Its version is the highest
+KV revision among the levels that exist for the device; revisions only grow
+across the bucket, so any change (a rollback included) gives a new version.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from nats.js import JetStreamContext, api
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.kv import KeyValue
+
+from .protocol import CONFIG_BUCKET, is_valid_device_id, protocol
+
+CONFIG_HISTORY = 64
+
+
+class ConfigError(ValueError):
+    """A configuration the board would reject, or a bad request; args[0] says why."""
+
+
+class VersionConflict(ConfigError):
+    """--if-version did not match the level's current version."""
+
+
+def config_schema() -> dict[str, dict[str, Any]]:
+    return dict(protocol()["config"])
+
+
+def check_value(key: str, value: Any) -> None:
+    """Raise ConfigError unless the board would accept `value` for `key`
+    (the same rules as firmware/settings.py check)."""
+    schema = config_schema()
+    if key not in schema:
+        raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(schema))})")
+    rule = schema[key]
+    kind = rule["type"]
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
+    elif kind == "choice":
+        if value not in rule["values"]:
+            raise ConfigError(f"{key}: must be one of {', '.join(rule['values'])}, got {value!r}")
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer, got {value!r}")
+        if not rule.get("min", value) <= value <= rule.get("max", value):
+            raise ConfigError(f"{key}: must be from {rule['min']} to {rule['max']}, got {value}")
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string, got {value!r}")
+        if len(value) > rule.get("max", len(value)):
+            raise ConfigError(f"{key}: must be at most {rule['max']} characters long")
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """'key=value' -> (key, typed value); 'key=' removes the key (None)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"{text!r}: expected key=value")
+    schema = config_schema()
+    if key not in schema:
+        raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(schema))})")
+    if raw == "":
+        return key, None
+    kind = schema[key]["type"]
+    value: Any
+    if kind == "int":
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{key}: must be an integer, got {raw!r}") from None
+    elif kind == "bool":
+        lowered = raw.lower()
+        if lowered in ("true", "on", "yes", "1"):
+            value = True
+        elif lowered in ("false", "off", "no", "0"):
+            value = False
+        else:
+            raise ConfigError(f"{key}: must be true or false, got {raw!r}")
+    else:
+        value = raw
+    check_value(key, value)
+    return key, value
+
+
+def level_key(device: str | None = None, group: str | None = None) -> str:
+    """The bucket key of one level: exactly one of device, group, or neither (the fleet)."""
+    if device is not None and group is not None:
+        raise ConfigError("a level is a device or a group, not both")
+    name = device if device is not None else group
+    if name is not None and not is_valid_device_id(name):
+        raise ConfigError(f"invalid name {name!r}: expected [A-Za-z0-9_-]{{1,32}}")
+    if device is not None:
+        return f"device.{device}"
+    if group is not None:
+        return f"group.{group}"
+    return "fleet"
+
+
+def describe_level(key: str) -> str:
+    kind, _, name = key.partition(".")
+    return {"fleet": "the fleet", "group": f"group {name}", "device": f"device {name}"}[kind]
+
+
+@dataclass(frozen=True)
+class Level:
+    key: str
+    values: dict[str, Any]
+    version: int  # KV revision; 0 when the level was never set
+    time: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"level": self.key, "version": self.version, "time": self.time, "config": self.values}
+
+
+@dataclass(frozen=True)
+class Effective:
+    version: int
+    values: dict[str, Any]
+    levels: tuple[Level, ...]
+
+    def payload(self) -> bytes:
+        """What the board receives on fleet/<id>/config."""
+        return json.dumps({"version": self.version, "config": self.values}, separators=(",", ":")).encode()
+
+
+def merge(levels: list[Level]) -> Effective:
+    values: dict[str, Any] = {}
+    for level in levels:
+        values.update(level.values)
+    return Effective(max((level.version for level in levels), default=0), values, tuple(levels))
+
+
+def _decode(data: bytes | None) -> dict[str, Any]:
+    try:
+        value = json.loads(data or b"{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+async def config_bucket(js: JetStreamContext) -> KeyValue:
+    try:
+        return await js.key_value(CONFIG_BUCKET)
+    except BucketNotFoundError:
+        pass
+    try:
+        return await js.create_key_value(
+            bucket=CONFIG_BUCKET,
+            description="desired configuration: fleet, group.<g>, device.<id>",
+            history=CONFIG_HISTORY,
+            storage=api.StorageType.FILE,
+        )
+    except Exception:
+        return await js.key_value(CONFIG_BUCKET)
+
+
+class ConfigStore:
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def level(self, key: str) -> Level:
+        try:
+            entry = await self.kv.get(key)
+        except KeyNotFoundError:
+            return Level(key, {}, 0)
+        return Level(key, _decode(entry.value), entry.revision or 0)
+
+    async def effective(self, device_id: str, groups: list[str]) -> Effective:
+        keys = ["fleet", *(f"group.{g}" for g in groups if is_valid_device_id(g)), f"device.{device_id}"]
+        levels = [await self.level(key) for key in keys]
+        return merge([level for level in levels if level.version])
+
+    async def set(self, key: str, changes: dict[str, Any], if_version: int | None = None) -> Level:
+        """Apply changes (None removes a key) to one level; returns the new level.
+
+        Without if_version the read-modify-write is still atomic (retried on
+        a concurrent write); with it, a level changed since that version is
+        refused with VersionConflict.
+        """
+        for name, value in changes.items():
+            if value is not None:
+                check_value(name, value)
+        for _ in range(20):
+            current = await self.level(key)
+            if if_version is not None and current.version != if_version:
+                raise VersionConflict(
+                    f"{describe_level(key)} is at version {current.version}, not {if_version}: read it again"
+                )
+            values = dict(current.values)
+            for name, value in changes.items():
+                if value is None:
+                    values.pop(name, None)
+                else:
+                    values[name] = value
+            data = json.dumps(values, sort_keys=True).encode()
+            try:
+                revision = (
+                    await self.kv.create(key, data)
+                    if current.version == 0
+                    else await self.kv.update(key, data, last=current.version)
+                )
+                return Level(key, values, revision)
+            except KeyWrongLastSequenceError:
+                if if_version is not None:
+                    raise VersionConflict(f"{describe_level(key)} changed meanwhile: read it again") from None
+        raise ConfigError(f"{describe_level(key)}: too many concurrent writes")
+
+    async def history(self, key: str) -> list[Level]:
+        try:
+            entries = await self.kv.history(key)
+        except (KeyNotFoundError, NoKeysError):
+            return []
+        return [
+            Level(key, _decode(entry.value), entry.revision or 0, _entry_time(entry))
+            for entry in entries
+            if entry.operation is None  # puts only; deletes and purges have no config
+        ]
+
+    async def rollback(self, key: str, version: int, if_version: int | None = None) -> Level:
+        """Write the content of an earlier version as a new version."""
+        old = next((level for level in await self.history(key) if level.version == version), None)
+        if old is None:
+            raise ConfigError(f"{describe_level(key)} has no version {version} in its history")
+        current = await self.level(key)
+        removals = {name: None for name in current.values if name not in old.values}
+        return await self.set(key, {**removals, **old.values}, if_version=if_version)
+
+
+def _entry_time(entry: Any) -> float | None:
+    created = getattr(entry, "created", None)  # the JetStream timestamp of the revision
+    return created.timestamp() if created is not None else None
+
+
+__all__ = [
+    "CONFIG_HISTORY",
+    "ConfigError",
+    "ConfigStore",
+    "Effective",
+    "Level",
+    "VersionConflict",
+    "check_value",
+    "config_bucket",
+    "config_schema",
+    "describe_level",
+    "level_key",
+    "merge",
+    "parse_assignment",
+]
