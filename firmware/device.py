@@ -10,6 +10,7 @@ from time import sleep_ms, ticks_add, ticks_diff, ticks_ms
 import board as profile
 import settings as settings_mod
 from backlog import BacklogLog
+from commands import Commands
 from config import Config
 from link import Link
 from state import DeviceState
@@ -89,6 +90,8 @@ class Device:
         # brings just the latest configuration. QoS 1 would replay every
         # change made while the board was away.
         self.link.subscribe(self.topics["config"], 0)
+        # QoS 1: the broker queues commands for the offline session.
+        self.link.subscribe(self.topics["cmd"], 1)
         self.telemetry = Telemetry(self, settings["telemetry_interval_ms"])
         self.backlog = BacklogLog(
             "log", settings["backlog_budget"], max(1024, settings["backlog_budget"] // 16),
@@ -105,6 +108,10 @@ class Device:
         self.display_text = ""
         self.config = Config(protocol["config"], self._apply_config, self._report_config, log)
         self.config.load()  # before any connection: what was last applied
+        self.board_name = profile.NAME
+        self.reboot_requested = False
+        self.stopped = asyncio.Event()
+        self.commands = Commands(self, self._report_command, log)
 
     def _apply_config(self, values):
         # Everything the configuration controls, live, without a reboot.
@@ -113,14 +120,34 @@ class Device:
         self.backlog.flush_records = values.get("flush_records", settings["flush_records"])
         self.backlog.flush_ms = values.get("flush_ms", settings["flush_ms"])
         self.log_level = values.get("log_level", "info")
-        self.board.led(values.get("led", False))
+        self.led_on = values.get("led", False)
+        self.board.led(self.led_on)
         text = values.get("display", "")
         if text != self.display_text:
-            self.display_text = text
-            log("display: " + text)
+            self.show(text)
 
     def _report_config(self, payload):
         self.link.publish(self.topics["config/reported"], payload, True, 1)
+
+    def _report_command(self, payload):
+        self.link.publish(self.topics["cmd/result"], payload, False, 1)
+
+    def show(self, text):
+        # The display comes with the board profiles that have one; the
+        # console always shows it.
+        self.display_text = text
+        log("display: " + text)
+
+    def blink(self, times):
+        asyncio.create_task(self._blink(times))
+
+    async def _blink(self, times):
+        for _ in range(times):
+            self.board.led(True)
+            await asyncio.sleep_ms(150)
+            self.board.led(False)
+            await asyncio.sleep_ms(150)
+        self.board.led(self.led_on)  # back to what the configuration says
 
     def _presence(self, online):
         status = {
@@ -283,11 +310,17 @@ class Device:
             log("message on %s dropped: %d bytes is over max_payload" % (topic, discarded))
             if topic == self.topics["config"]:
                 self.config.reject("payload of %d bytes is over max_payload" % discarded)
+            elif topic == self.topics["cmd"]:
+                self.commands.reject("payload of %d bytes is over max_payload" % discarded)
             return
         if topic == self.topics["ping"]:
             self.link.publish(self.topics["pong"], payload, False, 0)
         elif topic == self.topics["config"]:
             self.config.receive(payload)
+        elif topic == self.topics["cmd"]:
+            self.commands.receive(payload, self.board.time_s())
+            if self.reboot_requested:
+                self.stopped.set()  # the result is out (QoS 1, acknowledged): now reboot
 
     # -- main loop -----------------------------------------------------------------
     async def run(self):
@@ -295,7 +328,9 @@ class Device:
         asyncio.create_task(self.link.run())
         asyncio.create_task(self.dispatch())
         asyncio.create_task(self.forward())
-        await self.telemetry.run()
+        asyncio.create_task(self.telemetry.run())
+        await self.stopped.wait()
+        self.link.close()
 
 
 def load_settings(protocol):
@@ -316,7 +351,11 @@ def main():
         settings = load_settings(protocol)
         gc.collect()
         try:
-            asyncio.run(Device(settings, protocol).run())
+            device = Device(settings, protocol)
+            asyncio.run(device.run())
+            if device.reboot_requested:
+                log("rebooting")
+                profile.reset()  # real boards do not come back from this
         except KeyboardInterrupt:
             raise
         except Exception as e:

@@ -27,6 +27,10 @@ def reset_cause():
     return _RESET_CAUSES.get(machine.reset_cause(), "other")
 
 
+def reset():
+    machine.reset()
+
+
 class Board(NetworkedBoard):
     def __init__(self, device_id):
         super().__init__()

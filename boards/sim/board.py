@@ -26,8 +26,21 @@ def unique_id():
     return hashlib.sha256(os.getcwd().encode()).digest()[:8]
 
 
+_soft_reset = False
+
+
 def reset_cause():
+    if _soft_reset:
+        return "soft_reset"
     return os.getenv("FLEET_SIM_RESET_CAUSE") or "power_on"
+
+
+def reset():
+    # The unix port cannot reset itself: the firmware's main loop starts a
+    # fresh Device in the same process, which is what a board does after
+    # machine.reset() as far as the fleet can tell (new boot, new session).
+    global _soft_reset
+    _soft_reset = True
 
 
 def _seed(text):

@@ -182,6 +182,49 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cmd(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+    from dataclasses import asdict
+
+    from . import cmdcli
+    from .commands import CommandError, parse_args, parse_duration
+
+    if args.action == "send":
+        # DEVICE NAME [ARGS] for one device; NAME [ARGS] with --group or --all.
+        words = list(args.target)
+        args.device = words.pop(0) if not (args.group or args.all) and len(words) >= 2 else None
+        if not words:
+            raise CommandError("which command? e.g. fleet cmd send sim-001 ping")
+        args.name = words.pop(0)
+        args.args = words.pop(0) if words else None
+        if words:
+            raise CommandError(f"unexpected {' '.join(words)!r}: ARGS is one JSON object")
+    try:
+        if args.action == "send":
+            chosen = [n for n, given in (("DEVICE", args.device), ("--group", args.group), ("--all", args.all)) if given]
+            if len(chosen) != 1:
+                raise CommandError("name exactly one target: DEVICE, --group G or --all")
+            records = asyncio.run(cmdcli.send(
+                args.nats, args.name, parse_args(args.args), device=args.device, group=args.group, everyone=args.all,
+                ttl=parse_duration(args.ttl) if args.ttl else None, wait=args.timeout if args.wait else None,
+            ))
+        elif args.action == "status":
+            records = [asyncio.run(cmdcli.status(args.nats, args.id))]
+        else:
+            records = asyncio.run(cmdcli.list_for(args.nats, args.device))
+    except CommandError as error:
+        raise CommandError(str(error)) from None
+    if args.json:
+        print(json.dumps([asdict(r) for r in records] if args.action != "status" else asdict(records[0]), indent=2))
+    else:
+        for record in records:
+            print(cmdcli.format_record(record))
+    if args.action == "send" and args.wait:
+        return 0 if all(r.state == "succeeded" for r in records) else 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -246,6 +289,28 @@ def build_parser() -> argparse.ArgumentParser:
     a = config_action("rollback", "make an earlier version of one level the current one")
     a.add_argument("--to", type=int, required=True, metavar="VERSION")
     a.add_argument("--if-version", type=int, metavar="N", help="refuse unless the level is at version N")
+
+    p = command("cmd", "remote commands: send, status, list")
+    actions = p.add_subparsers(dest="action", required=True)
+
+    def cmd_action(name: str, help: str) -> argparse.ArgumentParser:
+        a = actions.add_parser(name, help=help, description=help)
+        a.add_argument("--nats", default=argparse.SUPPRESS, metavar="URL", help="NATS server URL")
+        a.add_argument("--json", action="store_true", help="print JSON")
+        a.set_defaults(func=cmd_cmd)
+        return a
+
+    a = cmd_action("send", "send a command to one device, a group or the fleet (one command id per device)")
+    a.add_argument("target", nargs="+", metavar="[DEVICE] NAME [ARGS-JSON]")
+    a.add_argument("--group", help="every device in this group")
+    a.add_argument("--all", action="store_true", help="every known device")
+    a.add_argument("--ttl", metavar="DURATION", help="not run after this long (30s, 5m, 2h, 1d)")
+    a.add_argument("--wait", action="store_true", help="wait for the results; exit 1 unless all succeeded")
+    a.add_argument("--timeout", type=float, default=30.0, help="how long --wait waits (default: %(default)s s)")
+    a = cmd_action("status", "one command's state and history")
+    a.add_argument("id")
+    a = cmd_action("list", "the commands sent to one device")
+    a.add_argument("device")
 
     p = command("sim", "run simulated boards (the real firmware in the MicroPython unix port)")
     p.add_argument("--devices", type=int, default=3, help="how many boards (default: %(default)s)")

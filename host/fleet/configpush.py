@@ -83,6 +83,11 @@ class ConfigPublisher:
             asyncio.create_task(self._watch(devices, "devices", self._on_device), name="fleet-config-devices"),
         ]
 
+    @property
+    def client(self) -> mqtt.Client | None:
+        """The gateway's MQTT connection (also used to send commands)."""
+        return self._client
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()

@@ -38,6 +38,7 @@ from nats.micro.request import Request, ServiceError
 from nats.micro.service import Service
 
 from . import __version__
+from .commands import CommandRelay, results_stream_config
 from .configpush import ConfigPublisher, reports_stream_config
 from .forwarding import BatchSplitter, SplitterConfig
 from .natsconn import connect
@@ -190,6 +191,7 @@ class Gateway:
         self._service: Service | None = None
         self.splitter: BatchSplitter | None = None
         self.config_publisher: ConfigPublisher | None = None
+        self.command_relay: CommandRelay | None = None
         self._consumer_tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -226,11 +228,15 @@ class Gateway:
             self.splitter = BatchSplitter(self._nc, self._js, self.config.splitter)
             await self.splitter.start(self._ensure_stream)
             await self._ensure_stream(reports_stream_config())
+            await self._ensure_stream(results_stream_config())
             if self.config.mqtt_host and self.config.mqtt_port:
                 self.config_publisher = ConfigPublisher(self._js, self.config.mqtt_host, self.config.mqtt_port)
                 await self.config_publisher.start()
+                assert self.config_publisher.client is not None
+                self.command_relay = CommandRelay(self._js, self.config_publisher.client)
+                await self.command_relay.start()
             else:
-                log.warning("no MQTT listener given: configuration is not published to the boards")
+                log.warning("no MQTT listener given: configuration and commands are not sent to the boards")
             subscriptions = [await self._subscribe(feed) for feed in self._feeds]
             self._consumer_tasks = [
                 asyncio.create_task(self._consume(feed, subscription), name=f"fleet-gateway-{feed.kind}")
@@ -265,6 +271,8 @@ class Gateway:
                 await self._service.stop()
             except Exception as error:  # the connection may already be gone
                 log.debug("stopping the service: %s", error)
+        if self.command_relay is not None:
+            await self.command_relay.stop()
         if self.config_publisher is not None:
             await self.config_publisher.stop()
         if self.splitter is not None:

@@ -23,6 +23,8 @@ FORWARDING_BUCKET = "fleet_forwarding"
 LEASE_BUCKET = "fleet_leases"
 CONFIG_BUCKET = "fleet_config"
 CONFIG_REPORTS_STREAM = "FLEET_CONFIG_REPORTS"
+COMMANDS_BUCKET = "fleet_commands"
+COMMAND_RESULTS_STREAM = "FLEET_COMMAND_RESULTS"
 
 # The firmware's "id" settings type (firmware/settings.py valid_id): also a
 # valid NATS subject token and KV key, so the host can use ids as both.

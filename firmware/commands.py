@@ -1,0 +1,184 @@
+# Remote commands: fleet/<id>/cmd carries {"id", "name", "args", "expires"};
+# the board answers on fleet/<id>/cmd/result with {"id", "status", ...}.
+#
+# At most once, across redelivery and reboots: a command's id is written to
+# flash (commands.json, replaced atomically) before it runs, with its result
+# once it has one. A command that comes again is not run again: its stored
+# result is sent again, or "failed: interrupted" when the board rebooted
+# while it ran. The file keeps the last KEEP ids.
+#
+# Adding a command is one function: cmd_<name>(device, args) returning a
+# JSON-able result, raising Rejected for bad arguments or Failed when it
+# could not be done.
+import gc
+import json
+from time import ticks_diff, ticks_ms
+
+from state import write_atomic
+
+COMMANDS_FILE = "commands.json"
+KEEP = 32
+
+
+class Rejected(Exception):
+    pass
+
+
+class Failed(Exception):
+    pass
+
+
+def _int_arg(args, name, low, high, default):
+    value = args.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise Rejected("%s must be an integer from %d to %d" % (name, low, high))
+    return value
+
+
+# -- the built-in commands -------------------------------------------------------
+def cmd_ping(device, args):
+    return "pong"
+
+
+def cmd_info(device, args):
+    gc.collect()
+    return {
+        "id": device.id,
+        "board": device.board_name,
+        "firmware": device.firmware,
+        "boots": device.state.boots,
+        "uptime_s": ticks_diff(ticks_ms(), device.started) // 1000,
+        "heap_free": gc.mem_free(),
+        "config": device.config.version,
+        "backlog": device.backlog.backlog(),
+        "dropped": device.backlog.dropped,
+        "groups": device.settings["groups"],
+    }
+
+
+def cmd_blink(device, args):
+    times = _int_arg(args, "times", 1, 20, 3)
+    device.blink(times)
+    return {"times": times}
+
+
+def cmd_display(device, args):
+    text = args.get("text")
+    if not isinstance(text, str) or len(text) > 128:
+        raise Rejected("text must be a string of at most 128 characters")
+    device.show(text)
+    return {"shown": text}
+
+
+def cmd_flush(device, args):
+    device.backlog.flush()
+    device.recorded.set()  # wakes the forwarder
+    return {"backlog": device.backlog.backlog()}
+
+
+def cmd_reboot(device, args):
+    device.reboot_requested = True  # after the result is out: see Commands.run
+    return "rebooting"
+
+
+COMMANDS = {
+    "ping": cmd_ping,
+    "info": cmd_info,
+    "blink": cmd_blink,
+    "display": cmd_display,
+    "flush": cmd_flush,
+    "reboot": cmd_reboot,
+}
+
+
+class Commands:
+    def __init__(self, device, report, log, path=COMMANDS_FILE):
+        self.device = device
+        self.report = report  # report(payload bytes): publishes on cmd/result
+        self.log = log
+        self.path = path
+        self.done = []  # [id, status, result-or-error], oldest first
+        try:
+            with open(path) as f:
+                self.done = json.load(f)["done"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none yet, or unreadable: nothing to remember
+
+    def _find(self, command_id):
+        for entry in self.done:
+            if entry[0] == command_id:
+                return entry
+        return None
+
+    def _remember(self, command_id, status, outcome):
+        entry = self._find(command_id)
+        if entry is None:
+            self.done.append([command_id, status, outcome])
+            del self.done[:-KEEP]
+        else:
+            entry[1], entry[2] = status, outcome
+        write_atomic(self.path, json.dumps({"done": self.done}))
+
+    def reject(self, error):
+        # A message that could not even be read (too large for the heap).
+        self._send(None, "rejected", error)
+
+    def _send(self, command_id, status, outcome):
+        message = {"id": command_id, "status": status}
+        if status in ("succeeded", "delivered"):
+            message["result"] = outcome
+        else:
+            message["error"] = outcome
+        self.report(json.dumps(message).encode())
+
+    def receive(self, payload, now_s):
+        # now_s: the board's clock in unix seconds, or None before it is set.
+        try:
+            message = json.loads(payload)
+            command_id = message["id"]
+            name = message["name"]
+            args = message.get("args")
+            if args is None:
+                args = {}
+            expires = message.get("expires")
+            if not isinstance(command_id, str) or not 1 <= len(command_id) <= 64:
+                raise ValueError("id must be a string of 1 to 64 characters")
+            if not isinstance(name, str) or not isinstance(args, dict):
+                raise ValueError("name must be a string and args an object")
+            if expires is not None and not isinstance(expires, (int, float)):
+                raise ValueError("expires must be a number")
+        except Exception as e:
+            self.log("cmd: malformed message rejected: %r" % (e,))
+            self._send(None, "rejected", "malformed command message: %s" % (e,))
+            return
+        seen = self._find(command_id)
+        if seen is not None:
+            # Redelivered (a lost PUBACK, a reconnect): never run twice.
+            status, outcome = seen[1], seen[2]
+            if status == "running":
+                status, outcome = "failed", "interrupted: the board restarted while it ran"
+                self._remember(command_id, status, outcome)
+            self._send(command_id, status, outcome)
+            return
+        function = COMMANDS.get(name)
+        if function is None:
+            self._finish(command_id, "rejected", "unknown command %r (known: %s)" % (name, ", ".join(sorted(COMMANDS))))
+            return
+        if expires is not None and now_s is not None and now_s > expires:
+            self._finish(command_id, "expired", "expired %d s before it arrived" % int(now_s - expires))
+            return
+        self._remember(command_id, "running", None)  # before running: at most once
+        self._send(command_id, "delivered", None)
+        try:
+            result = function(self.device, args)
+            status, outcome = "succeeded", result
+        except Rejected as e:
+            status, outcome = "rejected", str(e)
+        except Exception as e:  # Failed, or a bug in a command: reported, the board goes on
+            status, outcome = "failed", str(e) or repr(e)
+        self._finish(command_id, status, outcome)
+
+    def _finish(self, command_id, status, outcome):
+        self.log("cmd %s: %s" % (command_id, status))
+        self._remember(command_id, status, outcome)
+        self._send(command_id, status, outcome)

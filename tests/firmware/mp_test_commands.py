@@ -1,0 +1,98 @@
+# Remote commands on the board: at most once, results, rejections, expiry.
+import json
+
+from commands import KEEP, Commands
+
+
+class FakeDevice:
+    def __init__(self):
+        self.blinks = []
+        self.shown = []
+        self.reboot_requested = False
+
+    def blink(self, times):
+        self.blinks.append(times)
+
+    def show(self, text):
+        self.shown.append(text)
+
+
+class Board:
+    def __init__(self):
+        self.device = FakeDevice()
+        self.sent = []
+        self.commands = Commands(self.device, lambda p: self.sent.append(json.loads(p)), print)
+
+    def run(self, command_id, name, args=None, expires=None, now=1000.0):
+        message = {"id": command_id, "name": name, "args": args or {}, "expires": expires}
+        self.commands.receive(json.dumps(message).encode(), now)
+        return self.sent[-1]
+
+
+def test_a_command_is_delivered_then_succeeds_with_its_result():
+    board = Board()
+    assert board.run("c1", "ping") == {"id": "c1", "status": "succeeded", "result": "pong"}
+    assert [m["status"] for m in board.sent] == ["delivered", "succeeded"]
+
+
+def test_a_redelivered_command_is_not_run_again_even_after_a_reboot():
+    board = Board()
+    board.run("c1", "blink", {"times": 2})
+    assert board.device.blinks == [2]
+    again = board.run("c1", "blink", {"times": 2})
+    assert again == {"id": "c1", "status": "succeeded", "result": {"times": 2}}
+    rebooted = Board()  # a new Commands reads commands.json
+    rebooted.run("c1", "blink", {"times": 2})
+    assert rebooted.device.blinks == [] and rebooted.sent[-1]["status"] == "succeeded"
+
+
+def test_a_command_interrupted_by_a_reboot_is_reported_failed_not_run_again():
+    with open("commands.json", "w") as f:
+        f.write('{"done": [["c9", "running", null]]}')
+    board = Board()
+    report = board.run("c9", "reboot")
+    assert report["status"] == "failed" and "interrupted" in report["error"]
+    assert not board.device.reboot_requested
+
+
+def test_unknown_commands_and_bad_arguments_are_rejected_with_a_reason():
+    board = Board()
+    report = board.run("c1", "selfdestruct")
+    assert report["status"] == "rejected" and "unknown command 'selfdestruct'" in report["error"]
+    report = board.run("c2", "blink", {"times": 99})
+    assert report["status"] == "rejected" and "times must be an integer from 1 to 20" in report["error"]
+    report = board.run("c3", "display", {"text": 5})
+    assert report["status"] == "rejected"
+    assert board.device.blinks == [] and board.device.shown == []
+
+
+def test_malformed_messages_are_rejected_and_nothing_runs():
+    board = Board()
+    for payload in (b"nope", b"\xff", b"[]", b'{"id": 5, "name": "ping"}', b'{"id": "x", "name": "ping", "args": []}', b'{"name": "ping"}'):
+        board.commands.receive(payload, 1000.0)
+        assert board.sent[-1]["status"] == "rejected" and board.sent[-1]["id"] is None, payload
+    assert len(board.sent) == 6
+
+
+def test_an_expired_command_is_never_run():
+    board = Board()
+    report = board.run("c1", "blink", {"times": 1}, expires=999.0, now=1000.0)
+    assert report["status"] == "expired" and board.device.blinks == []
+    report = board.run("c2", "blink", {"times": 1}, expires=999.0, now=None)  # clock not set: cannot tell
+    assert report["status"] == "succeeded"
+
+
+def test_reboot_is_requested_after_the_result_and_only_once():
+    board = Board()
+    assert board.run("r1", "reboot")["status"] == "succeeded"
+    assert board.device.reboot_requested
+    rebooted = Board()
+    rebooted.run("r1", "reboot")
+    assert not rebooted.device.reboot_requested
+
+
+def test_the_remembered_ids_are_bounded():
+    board = Board()
+    for i in range(KEEP + 10):
+        board.run("c%d" % i, "ping")
+    assert len(board.commands.done) == KEEP and board.commands.done[0][0] == "c10"
