@@ -10,9 +10,7 @@
 # Adding a command is one function: cmd_<name>(device, args) returning a
 # JSON-able result, raising Rejected for bad arguments or Failed when it
 # could not be done.
-import gc
 import json
-from time import ticks_diff, ticks_ms
 
 from state import write_atomic
 
@@ -41,19 +39,7 @@ def cmd_ping(device, args):
 
 
 def cmd_info(device, args):
-    gc.collect()
-    return {
-        "id": device.id,
-        "board": device.board_name,
-        "firmware": device.firmware,
-        "boots": device.state.boots,
-        "uptime_s": ticks_diff(ticks_ms(), device.started) // 1000,
-        "heap_free": gc.mem_free(),
-        "config": device.config.version,
-        "backlog": device.backlog.backlog(),
-        "dropped": device.backlog.dropped,
-        "groups": device.settings["groups"],
-    }
+    return device.info()
 
 
 def cmd_blink(device, args):

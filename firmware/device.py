@@ -13,6 +13,7 @@ from backlog import BacklogLog
 from commands import Commands
 from config import Config
 from link import Link
+from query import BadFilter, evaluate
 from state import DeviceState
 from telemetry import Telemetry
 
@@ -79,6 +80,8 @@ class Device:
         self.firmware = protocol.get("firmware", FIRMWARE_VERSION)
         root = "%s/%s/" % (protocol["topic_root"], self.id)
         self.topics = {name: (root + name).encode() for name in protocol["topics"]}
+        fleet_root = protocol["topic_root"] + "/"
+        self.fleet_topics = {name: (fleet_root + name).encode() for name in protocol["fleet_topics"]}
         self.inbox = Inbox(8)
         self.link = Link(self.id, settings, self.board, profile.TCP_NODELAY, self.topics["status"], self._on_message, log)
         self.link.will = self._presence(False)
@@ -92,6 +95,8 @@ class Device:
         self.link.subscribe(self.topics["config"], 0)
         # QoS 1: the broker queues commands for the offline session.
         self.link.subscribe(self.topics["cmd"], 1)
+        # QoS 0: a live query is for the boards online now.
+        self.link.subscribe(self.fleet_topics["query"], 0)
         self.telemetry = Telemetry(self, settings["telemetry_interval_ms"])
         self.backlog = BacklogLog(
             "log", settings["backlog_budget"], max(1024, settings["backlog_budget"] // 16),
@@ -131,6 +136,48 @@ class Device:
 
     def _report_command(self, payload):
         self.link.publish(self.topics["cmd/result"], payload, False, 1)
+
+    def info(self):
+        # What `info` returns and what live queries filter on.
+        gc.collect()
+        return {
+            "id": self.id,
+            "board": profile.NAME,
+            "firmware": self.firmware,
+            "groups": self.settings["groups"],
+            "boots": self.state.boots,
+            "uptime_s": ticks_diff(ticks_ms(), self.started) // 1000,
+            "heap_free": gc.mem_free(),
+            "temp_c": self.board.temperature_c(),
+            "rssi": self.board.rssi(),
+            "config": self.config.version,
+            "backlog": self.backlog.backlog(),
+            "dropped": self.backlog.dropped,
+            "display": self.display_text,
+            "online": self.link.connected,
+        }
+
+    def answer(self, payload):
+        # A live query: evaluate the filter here, answer matching or not.
+        try:
+            query = json.loads(payload)
+            query_id = query["q"]
+            where = query.get("where")
+            fields = query.get("fields")
+            if not isinstance(query_id, str) or (fields is not None and not isinstance(fields, list)):
+                raise ValueError("q must be a string and fields a list")
+        except Exception as e:
+            log("query: malformed message ignored: %r" % (e,))
+            return
+        reply = {"q": query_id, "id": self.id}
+        try:
+            info = self.info()
+            reply["match"] = True if where is None else bool(evaluate(where, info))
+            if reply["match"]:
+                reply["fields"] = info if fields is None else {f: info.get(f) for f in fields if isinstance(f, str)}
+        except (BadFilter, RuntimeError) as e:  # RuntimeError: recursion on a hostile filter
+            reply["error"] = str(e)
+        self.link.publish(self.topics["answer"], json.dumps(reply).encode(), False, 0)
 
     def show(self, text):
         # The display comes with the board profiles that have one; the
@@ -317,6 +364,8 @@ class Device:
             self.link.publish(self.topics["pong"], payload, False, 0)
         elif topic == self.topics["config"]:
             self.config.receive(payload)
+        elif topic == self.fleet_topics["query"]:
+            self.answer(payload)
         elif topic == self.topics["cmd"]:
             self.commands.receive(payload, self.board.time_s())
             if self.reboot_requested:

@@ -189,7 +189,7 @@ def test_telemetry_over_mqtt_is_stored_and_the_registry_shows_the_device(server:
                 info = json.loads((await nc.request("$SRV.INFO.fleet", b"", timeout=5)).data)
                 assert (info["name"], info["version"]) == ("fleet", __version__)
                 endpoints = {e["name"]: e["subject"] for e in info["endpoints"]}
-                assert endpoints == {"devices": "fleet-api.devices", "device": "fleet-api.device"}
+                assert endpoints == {"devices": "fleet-api.devices", "device": "fleet-api.device", "query": "fleet-api.query"}
             finally:
                 await nc.close()
 

@@ -9,7 +9,9 @@ import math
 import os
 import time
 
-NAME = "sim"
+# The simulator can have a board report another name (fleet-scale tests of
+# queries by board); everything else stays the sim's.
+NAME = os.getenv("FLEET_SIM_BOARD_NAME") or "sim"
 # The unix port's socket module has no IPPROTO_TCP / TCP_NODELAY constants;
 # these are Linux's values.
 TCP_NODELAY = (6, 1)

@@ -225,6 +225,44 @@ def cmd_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from .natsconn import connect
+    from .query import QueryError, check_fields, parse_filter, scatter
+
+    try:
+        where = parse_filter(args.where or "")
+        fields = check_fields([f.strip() for f in args.fields.split(",") if f.strip()]) if args.fields else None
+    except (QueryError, ValueError) as error:
+        raise CommandError(str(error)) from None
+
+    def show(found: dict[str, object]) -> None:
+        # Printed as they arrive.
+        if args.json:
+            print(json.dumps(found), flush=True)
+        else:
+            values = "  ".join(f"{k}={json.dumps(v)}" for k, v in found["fields"].items())  # type: ignore[union-attr]
+            print(f"{found['id']}  {values}", flush=True)
+
+    async def run() -> int:
+        nc = await connect(args.nats, name="fleet-query")
+        try:
+            outcome = await scatter(nc, where, fields, args.timeout, on_match=show)
+        finally:
+            await nc.close()
+        summary = f"{len(outcome.matches)} matching, {len(outcome.answered)} answered, {len(outcome.online)} online"
+        if outcome.missing:
+            summary += f"; {len(outcome.missing)} online did not answer: {', '.join(outcome.missing)}"
+        for device, error in sorted(outcome.errors.items()):
+            print(f"{device}: error: {error}", file=sys.stderr)
+        print(summary, file=sys.stderr)
+        return 0
+
+    return asyncio.run(run())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -311,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("id")
     a = cmd_action("list", "the commands sent to one device")
     a.add_argument("device")
+
+    p = command("query", "ask the connected boards; matching ones answer")
+    p.add_argument("--where", metavar="EXPR", help='filter, e.g. "board == pico_w and temp > 40" (default: every board)')
+    p.add_argument("--fields", metavar="F1,F2", help="fields to return (default: all)")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for answers (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="one JSON object per matching board")
+    p.set_defaults(func=cmd_query)
 
     p = command("sim", "run simulated boards (the real firmware in the MicroPython unix port)")
     p.add_argument("--devices", type=int, default=3, help="how many boards (default: %(default)s)")

@@ -18,8 +18,10 @@ All state lives in NATS (streams, consumers, KV), none in the process.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
+from typing import Any
 from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 
@@ -42,6 +44,7 @@ from .commands import CommandRelay, results_stream_config
 from .configpush import ConfigPublisher, reports_stream_config
 from .forwarding import BatchSplitter, SplitterConfig
 from .natsconn import connect
+from .query import check_fields, parse_filter, scatter
 from .protocol import (
     DEVICES_BUCKET,
     PRESENCE_STREAM,
@@ -192,6 +195,7 @@ class Gateway:
         self.splitter: BatchSplitter | None = None
         self.config_publisher: ConfigPublisher | None = None
         self.command_relay: CommandRelay | None = None
+        self._query_tasks: set[asyncio.Task[None]] = set()
         self._consumer_tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -251,6 +255,7 @@ class Gateway:
             )
             await self._service.add_endpoint(name="devices", subject=api_subject("devices"), handler=self._handle_devices)
             await self._service.add_endpoint(name="device", subject=api_subject("device"), handler=self._handle_device)
+            await self._service.add_endpoint(name="query", subject=api_subject("query"), handler=self._handle_query)
         except BaseException:
             await self.stop()
             raise
@@ -522,6 +527,25 @@ class Gateway:
             _merge_forwarding(record, forwarding.get(record.id))
         await request.respond(_json_list([record.to_bytes() for record in records]))
 
+    async def _handle_query(self, request: Request) -> None:
+        """Scatter a query; every matching board's answer goes to the requester.
+
+        The request is {"where": "...", "fields": [...], "timeout": s} or just
+        the filter text. Answers arrive as separate replies (`nats req
+        --replies 0`); the handler returns at once and relays in the background.
+        """
+        text = request.data.decode("utf-8", errors="replace").strip()
+        try:
+            body = json.loads(text) if text.startswith("{") else {"where": text}
+            where = parse_filter(str(body.get("where") or ""))
+            fields = check_fields(list(body["fields"])) if body.get("fields") else None
+            timeout = min(max(float(body.get("timeout", 2.0)), 0.1), 30.0)
+        except (ValueError, TypeError) as error:
+            raise ServiceError("400", str(error)) from None
+        task = asyncio.create_task(_relay_query(self, request, where, fields, timeout))
+        self._query_tasks.add(task)
+        task.add_done_callback(self._query_tasks.discard)
+
     async def _handle_device(self, request: Request) -> None:
         assert self._kv is not None
         device_id = request.data.decode("utf-8", errors="replace").strip()
@@ -535,6 +559,18 @@ class Gateway:
         assert self.splitter is not None
         _merge_forwarding(record, await self.splitter.state(device_id))
         await request.respond(record.to_bytes())
+
+
+async def _relay_query(gateway: "Gateway", request: Request, where: Any, fields: Any, timeout: float) -> None:
+    assert gateway._nc is not None
+
+    async def relay(found: dict[str, Any]) -> None:
+        await request.respond(json.dumps(found).encode())
+
+    try:
+        await scatter(gateway._nc, where, fields, timeout, on_match=relay)
+    except Exception as error:  # the requester has its answers so far; say why it ended
+        log.warning("query relay ended early: %s", error)
 
 
 def _merge_forwarding(record: DeviceRecord, state: ForwardingState | None) -> None:

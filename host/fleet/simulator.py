@@ -41,6 +41,9 @@ class SimDevice:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    # The board name it reports (the sim profile standing in for a pico_w,
+    # say, in fleet-scale tests); None: "sim".
+    reports_as: str | None = None
 
     @property
     def running(self) -> bool:
@@ -139,6 +142,8 @@ class Simulator:
         env["MICROPYPATH"] = micropython_path(self.board, self.firmware_dir)
         env["FLEET_SIM_UNIQUE_ID"] = sim_unique_id(device.device_id)
         env["FLEET_SIM_RESET_CAUSE"] = reset_cause
+        if device.reports_as:
+            env["FLEET_SIM_BOARD_NAME"] = device.reports_as
         return env
 
     def start(self, device_id: str, reset_cause: str = "power_on") -> SimDevice:
