@@ -14,11 +14,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .background import BackgroundGateway
 from .natsconn import connect
 from .paths import REPO, micropython_executable, micropython_path
 from .protocol import TELEMETRY_STREAM
+from .query import online_devices, scatter
 from .server import NatsServer
 from .simulator import Simulator
 from .tail import stored
@@ -189,6 +191,83 @@ def forwarding(server: NatsServer, data: Path, count: int = 10_000, latency_s: i
     )
 
 
+async def _nats_responders_round(nats_url: str, count: int, rounds: int) -> list[float]:
+    """The baseline: the same scatter-gather to `count` plain NATS responders."""
+    import nats
+
+    responder = await nats.connect(nats_url)
+    asker = await nats.connect(nats_url)
+    try:
+        for index in range(count):
+            async def answer(message: Any, index: int = index) -> None:
+                await responder.publish(f"bench.answer.{index}", b'{"match": true}')
+
+            await responder.subscribe("bench.query", cb=answer)
+        await responder.flush()
+        times = []
+        for _ in range(rounds):
+            got = 0
+            done = asyncio.Event()
+
+            async def collect(message: Any) -> None:
+                nonlocal got
+                got += 1
+                if got == count:
+                    done.set()
+
+            subscription = await asker.subscribe("bench.answer.*", cb=collect)
+            await asker.flush()
+            started = time.perf_counter()
+            await asker.publish("bench.query", b"{}")
+            await asyncio.wait_for(done.wait(), 30)
+            times.append(time.perf_counter() - started)
+            await subscription.unsubscribe()
+        return times
+    finally:
+        await asker.close()
+        await responder.close()
+
+
+async def _board_rounds(nats_url: str, count: int, rounds: int) -> list[float]:
+    nc = await connect(nats_url, name="fleet-bench")
+    try:
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            outcome = await scatter(nc, None, ["id"], 30)
+            times.append(time.perf_counter() - started)
+            if len(outcome.answered) < count:
+                raise RuntimeError(f"benchmark: {len(outcome.answered)} of {count} boards answered")
+        return times
+    finally:
+        await nc.close()
+
+
+def query_times(server: NatsServer, data: Path, count: int = 200, rounds: int = 5) -> tuple[float, float]:
+    """Median seconds to hear every one of `count` simulated boards, and the
+    same scatter-gather to `count` plain NATS responders."""
+    sim = Simulator(data / "query-sim", server.host, server.mqtt_port,
+                    settings_defaults={"telemetry_interval_ms": 600_000, "keepalive_s": 60})
+    with BackgroundGateway(server.url, mqtt=(server.host, server.mqtt_port)):
+        try:
+            for index in range(count):
+                sim.start(sim.add(f"q-{index:03d}").device_id)
+
+            async def online() -> int:
+                nc = await connect(server.url, name="fleet-bench")
+                try:
+                    return len(await online_devices(nc))
+                finally:
+                    await nc.close()
+
+            _wait(lambda: asyncio.run(online()) >= count, 120, f"{count} boards online")
+            boards = asyncio.run(_board_rounds(server.url, count, rounds))
+        finally:
+            sim.stop_all()
+    plain = asyncio.run(_nats_responders_round(server.url, count, rounds))
+    return sorted(boards)[len(boards) // 2], sorted(plain)[len(plain) // 2]
+
+
 def _percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
@@ -198,6 +277,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "server") as server:
         rates = publish_rates(server)
         figures = forwarding(server, Path(tmp))
+        boards_s, plain_s = query_times(server, Path(tmp))
     print_publish_rates(rates)
     print()
     print(f"Store-and-forward: a backlog of {figures.records:,} readings ({figures.record_bytes:.0f} bytes each), MicroPython unix port, loopback")
@@ -217,6 +297,10 @@ def main() -> int:
     if lat:
         print(f"Live latency, reading recorded -> stored in FLEET_TELEMETRY, {len(lat)} readings at 1/s")
         print(f"  p50 {_percentile(lat, 0.5):6.1f} ms   p99 {_percentile(lat, 0.99):6.1f} ms   max {max(lat):6.1f} ms")
+    print()
+    print("Live query: every answer from 200 boards (median of 5), against 200 plain NATS responders")
+    print(f"  simulated boards (real firmware, MQTT)   {boards_s * 1000:8.1f} ms")
+    print(f"  plain NATS responders (nats-py)          {plain_s * 1000:8.1f} ms   ratio {boards_s / plain_s:.1f}")
     return 0
 
 
