@@ -12,6 +12,7 @@ import settings as settings_mod
 from backlog import BacklogLog
 from commands import Commands
 from config import Config
+from display import render, to_text
 from link import Link
 from query import BadFilter, evaluate
 from state import DeviceState
@@ -95,8 +96,10 @@ class Device:
         self.link.subscribe(self.topics["config"], 0)
         # QoS 1: the broker queues commands for the offline session.
         self.link.subscribe(self.topics["cmd"], 1)
-        # QoS 0: a live query is for the boards online now.
+        # QoS 0: a live query, and pushed text, are for the boards online now.
         self.link.subscribe(self.fleet_topics["query"], 0)
+        self.link.subscribe(self.fleet_topics["display"], 0)
+        self.link.subscribe(self.topics["display"], 0)
         self.telemetry = Telemetry(self, settings["telemetry_interval_ms"])
         self.backlog = BacklogLog(
             "log", settings["backlog_budget"], max(1024, settings["backlog_budget"] // 16),
@@ -111,6 +114,11 @@ class Device:
         self.errors = 0
         self.log_level = "info"
         self.display_text = ""
+        try:
+            self.screen = self.board.display()  # None: no display attached
+        except Exception as e:
+            log("display: unavailable (%r)" % (e,))
+            self.screen = None
         self.config = Config(protocol["config"], self._apply_config, self._report_config, log)
         self.config.load()  # before any connection: what was last applied
         self.board_name = profile.NAME
@@ -180,10 +188,17 @@ class Device:
         self.link.publish(self.topics["answer"], json.dumps(reply).encode(), False, 0)
 
     def show(self, text):
-        # The display comes with the board profiles that have one; the
-        # console always shows it.
+        # On the display when the board has one; without, the LED blinks
+        # twice to say there is news. The console always shows it.
         self.display_text = text
         log("display: " + text)
+        if self.screen is not None:
+            try:
+                render(self.screen, text)
+            except Exception as e:  # a display that fails must not take the board with it
+                log("display: %r" % (e,))
+        else:
+            self.blink(2)
 
     def blink(self, times):
         asyncio.create_task(self._blink(times))
@@ -366,6 +381,8 @@ class Device:
             self.config.receive(payload)
         elif topic == self.fleet_topics["query"]:
             self.answer(payload)
+        elif topic == self.topics["display"] or topic == self.fleet_topics["display"]:
+            self.show(to_text(payload)[:256])
         elif topic == self.topics["cmd"]:
             self.commands.receive(payload, self.board.time_s())
             if self.reboot_requested:

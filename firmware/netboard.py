@@ -41,3 +41,20 @@ class NetworkedBoard:
     def time_s(self):
         t = time.time()
         return t if t >= _UNSYNCED_BEFORE else None
+
+
+def ssd1306_on_i2c(bus, sda, scl, address=0x3C):
+    # The SSD1306 128x64 OLED if one answers on this I2C bus, else None.
+    # Needs micropython-lib's driver: mpremote mip install ssd1306.
+    try:
+        from machine import I2C, Pin
+
+        i2c = I2C(bus, sda=Pin(sda), scl=Pin(scl), freq=400000)
+        if address not in i2c.scan():
+            return None
+        import ssd1306
+
+        return ssd1306.SSD1306_I2C(128, 64, i2c, address)
+    except (ImportError, OSError, ValueError) as e:
+        print("display: none (%r)" % (e,))
+        return None

@@ -12,10 +12,12 @@ STATE_FILE = "state.json"
 _SEQ_BLOCK = const(64)
 
 
-def write_atomic(path, text):
+def write_atomic(path, data):
+    # Text or bytes. LittleFS makes the rename atomic: a reader (or a boot
+    # after a power cut) sees the old file or the new one, never half.
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb" if isinstance(data, (bytes, bytearray)) else "w") as f:
+        f.write(data)
     os.rename(tmp, path)
 
 

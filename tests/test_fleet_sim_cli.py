@@ -36,11 +36,12 @@ def _fleet(*args: str) -> list[str]:
 def test_fleet_sim_alone_runs_server_gateway_and_boards_then_stops_cleanly(tmp_path: Path) -> None:
     data = tmp_path / "sim-data"
     result = subprocess.run(
-        _fleet("sim", "--devices", "2", "--duration", "8", "--data-dir", str(data)),
+        _fleet("sim", "--devices", "2", "--duration", "8", "--data-dir", str(data), "--nicknames", "2"),
         capture_output=True, text=True, timeout=90,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "nats-server: NATS nats://127.0.0.1:" in result.stdout
+    assert "2 nickname instances" in result.stdout
     lines = result.stdout.strip().splitlines()
     final_table = lines[-4:-1]  # the last table, then the "stopped:" line
     assert final_table[0].startswith("DEVICE"), result.stdout

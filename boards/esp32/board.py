@@ -2,7 +2,7 @@
 import esp32
 import machine
 
-from netboard import NetworkedBoard
+from netboard import NetworkedBoard, ssd1306_on_i2c
 
 NAME = "esp32"
 TCP_NODELAY = (6, 1)  # lwIP's IPPROTO_TCP and TCP_NODELAY
@@ -42,6 +42,10 @@ class Board(NetworkedBoard):
         if hasattr(esp32, "mcu_temperature"):
             return esp32.mcu_temperature()
         return round((esp32.raw_temperature() - 32) / 1.8, 2)
+
+    def display(self):
+        # SSD1306 128x64 on I2C0: SDA GPIO21, SCL GPIO22, the usual ESP32 wiring.
+        return ssd1306_on_i2c(0, 21, 22)
 
     def led(self, on):
         self.led_pin.value(1 if on else 0)

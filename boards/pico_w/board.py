@@ -1,7 +1,7 @@
 # Board profile: Raspberry Pi Pico W (RP2040 + CYW43439 WiFi).
 import machine
 
-from netboard import NetworkedBoard
+from netboard import NetworkedBoard, ssd1306_on_i2c
 
 NAME = "pico_w"
 # lwIP's IPPROTO_TCP and TCP_NODELAY. If the port refuses the option, the
@@ -48,6 +48,10 @@ class Board(NetworkedBoard):
     def temperature_c(self):
         volts = self.adc.read_u16() * _ADC_VOLTS
         return round(27 - (volts - 0.706) / 0.001721, 2)
+
+    def display(self):
+        # SSD1306 128x64 on I2C0: SDA GP4, SCL GP5 (3V3 and GND beside them).
+        return ssd1306_on_i2c(0, 4, 5)
 
     def led(self, on):
         self.led_pin.value(1 if on else 0)

@@ -83,6 +83,12 @@ class Board:
         t = time.time() % 600
         return round(self.base_temp + 1.5 * math.sin(t * 2 * math.pi / 600), 2)
 
+    def display(self):
+        # Drawn like the Pico W's SSD1306, saved as display.png in the flash folder.
+        from pngscreen import PngScreen
+
+        return PngScreen()
+
     def led(self, on):
         self.led_on = bool(on)
 

@@ -125,7 +125,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from .simsession import SimOptions, run_simulation
 
     options = SimOptions(devices=args.devices, data_dir=Path(args.data_dir), mqtt=args.mqtt, duration=args.duration,
-                         telemetry_interval_ms=int(args.interval * 1000))
+                         telemetry_interval_ms=int(args.interval * 1000), nicknames=args.nicknames)
     return asyncio.run(run_simulation(options))
 
 
@@ -223,6 +223,77 @@ def cmd_cmd(args: argparse.Namespace) -> int:
     if args.action == "send" and args.wait:
         return 0 if all(r.state == "succeeded" for r in records) else 1
     return 0
+
+
+def cmd_display(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .natsconn import connect
+    from .protocol import is_valid_device_id, nats_subject, topic_root
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    data = text.rstrip("\n").encode()
+    if len(data) > 256:
+        raise CommandError(f"{len(data)} bytes is too long: a display shows at most 16 x 8 characters")
+    if args.device == "--all" or args.all:
+        subject = f"{topic_root()}.display"
+    elif args.device and is_valid_device_id(args.device):
+        subject = nats_subject(args.device, "display")
+    else:
+        raise CommandError(f"invalid device id {args.device!r}: expected [A-Za-z0-9_-]{{1,32}}")
+
+    async def push() -> None:
+        # A plain NATS publish: the MQTT listener delivers it to the board's
+        # subscription (QoS 0, boards online now), as `nats pub` would.
+        nc = await connect(args.nats, name="fleet-display")
+        try:
+            await nc.publish(subject, data)
+            await nc.flush()
+        finally:
+            await nc.close()
+
+    asyncio.run(push())
+    return 0
+
+
+def cmd_nickname(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+    import os
+    import signal
+
+    import nats.errors
+
+    from .natsconn import connect
+    from .nickname import NicknameService, ask, push
+    from .protocol import is_valid_device_id
+
+    async def run() -> int:
+        nc = await connect(args.nats, name="fleet-nickname")
+        try:
+            if args.push:
+                if not is_valid_device_id(args.push):
+                    raise CommandError(f"invalid device id {args.push!r}")
+                answer = await push(nc, args.push)
+                print(f"{args.push}: {answer['nickname']} (from {answer['instance']})")
+            elif args.serve:
+                service = NicknameService(nc, args.instance or f"nickname-{os.getpid()}")
+                await service.start()
+                print(f"nickname instance {service.instance} serving; Ctrl-C stops it", flush=True)
+                stop = asyncio.Event()
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+                await stop.wait()
+                await service.stop()
+            else:
+                print(json.dumps(await ask(nc)))
+        except (TimeoutError, nats.errors.NoRespondersError):
+            raise CommandError("no nickname instance answered: start one with `fleet nickname --serve`") from None
+        finally:
+            await nc.close()
+        return 0
+
+    return asyncio.run(run())
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -350,6 +421,18 @@ def build_parser() -> argparse.ArgumentParser:
     a = cmd_action("list", "the commands sent to one device")
     a.add_argument("device")
 
+    p = command("display", "show text on a board's display (TEXT - reads standard input)")
+    p.add_argument("device", nargs="?", help="device id (or use --all)")
+    p.add_argument("text", help="the text, or - for standard input")
+    p.add_argument("--all", action="store_true", help="every connected board")
+    p.set_defaults(func=cmd_display)
+
+    p = command("nickname", "the load-balanced nickname service: ask it, serve it, or push a name to a board")
+    p.add_argument("--push", metavar="DEVICE", help="ask for a name and show it on DEVICE's display")
+    p.add_argument("--serve", action="store_true", help="run one instance of the service")
+    p.add_argument("--instance", help="this instance's name (default: nickname-PID)")
+    p.set_defaults(func=cmd_nickname)
+
     p = command("query", "ask the connected boards; matching ones answer")
     p.add_argument("--where", metavar="EXPR", help='filter, e.g. "board == pico_w and temp > 40" (default: every board)')
     p.add_argument("--fields", metavar="F1,F2", help="fields to return (default: all)")
@@ -363,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="sim-data", help="flash folders and logs (default: %(default)s)")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between readings (default: %(default)s)")
+    p.add_argument("--nicknames", type=int, default=0, metavar="N", help="also run N nickname service instances")
     p.set_defaults(func=cmd_sim)
     return parser
 

@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from nats.aio.client import Client
+
 from .gateway import Gateway, GatewayConfig
+from .natsconn import connect
+from .nickname import NicknameService
 from .observe import FleetObserver
 from .server import NatsServer
 from .simulator import Simulator
@@ -29,6 +33,7 @@ class SimOptions:
     duration: float | None = None
     refresh: float = 1.0
     telemetry_interval_ms: int = 2000
+    nicknames: int = 0  # instances of the nickname service to run (not with mqtt)
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -69,6 +74,8 @@ async def run_simulation(options: SimOptions, out: TextIO = sys.stdout) -> int:
     data_dir = Path(options.data_dir)
     server: NatsServer | None = None
     gateway: Gateway | None = None
+    nicknames: list[NicknameService] = []
+    nickname_nc: Client | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -82,6 +89,13 @@ async def run_simulation(options: SimOptions, out: TextIO = sys.stdout) -> int:
             host, port = server.host, server.mqtt_port
             gateway = Gateway(GatewayConfig(nats_url=server.url, mqtt_host=server.host, mqtt_port=server.mqtt_port))
             await gateway.start()
+            if options.nicknames:
+                nickname_nc = await connect(server.url, name="fleet-sim-nicknames")
+                for index in range(options.nicknames):
+                    service = NicknameService(nickname_nc, f"sim-nickname-{index + 1}")
+                    await service.start()
+                    nicknames.append(service)
+                print(f"{options.nicknames} nickname instances: try `fleet nickname --push sim-001`", file=out)
             print(f"nats-server: NATS {server.url}  MQTT mqtt://{host}:{port}", file=out)
             print(f"try: FLEET_NATS_URL={server.url} fleet devices", file=out)
         sim = Simulator(data_dir, host, port, settings_defaults={"telemetry_interval_ms": options.telemetry_interval_ms})
@@ -100,6 +114,10 @@ async def run_simulation(options: SimOptions, out: TextIO = sys.stdout) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        for service in nicknames:
+            await service.stop()
+        if nickname_nc is not None:
+            await nickname_nc.close()
         if gateway:
             await gateway.stop()
         if server:

@@ -1,0 +1,63 @@
+# Text on a 128x64 monochrome display: 16 columns x 8 lines of the built-in
+# 8x8 font. The board profile supplies the screen (an SSD1306 on the Pico W,
+# a PNG file in the simulator), any framebuf.FrameBuffer with a show().
+COLUMNS = 16
+LINES = 8
+
+
+def to_text(payload):
+    # Pushed bytes to printable text. The 8x8 font has ASCII only: every
+    # other character (a whole UTF-8 sequence) becomes one "?", and so does
+    # every byte that is not valid UTF-8; control characters become spaces.
+    if isinstance(payload, str):
+        payload = payload.encode()
+    out = []
+    i = 0
+    n = len(payload)
+    while i < n:
+        b = payload[i]
+        if b < 128:
+            out.append(chr(b) if (b >= 32 and b != 127) or b == 10 else " ")
+            i += 1
+            continue
+        size = 2 if 0xC0 <= b < 0xE0 else 3 if 0xE0 <= b < 0xF0 else 4 if 0xF0 <= b < 0xF8 else 1
+        if size > 1 and i + size <= n and all(0x80 <= c < 0xC0 for c in payload[i + 1:i + size]):
+            i += size  # one character beyond the font
+        else:
+            i += 1  # a byte that is not UTF-8
+        out.append("?")
+    return "".join(out)
+
+
+def wrap(text, columns=COLUMNS, lines=LINES):
+    # Word wrap; a word longer than a line is cut. Lines beyond the screen
+    # are dropped, the last visible one ending in "~" to say so.
+    out = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            while len(word) > columns:
+                if line:
+                    out.append(line)
+                    line = ""
+                out.append(word[:columns])
+                word = word[columns:]
+            if not line:
+                line = word
+            elif len(line) + 1 + len(word) <= columns:
+                line += " " + word
+            else:
+                out.append(line)
+                line = word
+        out.append(line)
+    if len(out) > lines:
+        out = out[:lines]
+        out[-1] = out[-1][: columns - 1] + "~"
+    return out
+
+
+def render(screen, text):
+    screen.fill(0)
+    for row, line in enumerate(wrap(text)):
+        screen.text(line, 0, row * 8, 1)
+    screen.show()
