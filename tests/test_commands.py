@@ -149,3 +149,27 @@ def test_a_fan_out_gives_each_device_its_own_command(
     code = main(["cmd", "list", "sim-002", "--json", "--nats", server.url])
     listed = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in listed] == ["info"]
+
+
+def test_the_gateway_serves_commands_and_configuration_as_micro_endpoints(sim: Simulator, server: NatsServer) -> None:
+    import nats
+
+    online(sim)
+    (done,) = asyncio.run(send(server.url, "ping", {}, device="sim-001", wait=15))
+
+    async def ask() -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any], str]:
+        nc = await nats.connect(server.url)
+        try:
+            one = json.loads((await nc.request("fleet-api.commands", done.id.encode(), timeout=5)).data)
+            listed = json.loads((await nc.request("fleet-api.commands", b'{"device": "sim-001"}', timeout=5)).data)
+            config = json.loads((await nc.request("fleet-api.config", b"sim-001", timeout=5)).data)
+            missing = await nc.request("fleet-api.commands", b"c-nope", timeout=5)
+            return one, listed, config, (missing.headers or {}).get("Nats-Service-Error-Code", "")
+        finally:
+            await nc.close()
+
+    one, listed, config, missing_code = asyncio.run(ask())
+    assert one["state"] == "succeeded" and one["result"] == "pong"
+    assert [r["id"] for r in listed] == [done.id]
+    assert config["device"] == "sim-001" and "desired" in config
+    assert missing_code == "404"

@@ -189,7 +189,10 @@ def test_telemetry_over_mqtt_is_stored_and_the_registry_shows_the_device(server:
                 info = json.loads((await nc.request("$SRV.INFO.fleet", b"", timeout=5)).data)
                 assert (info["name"], info["version"]) == ("fleet", __version__)
                 endpoints = {e["name"]: e["subject"] for e in info["endpoints"]}
-                assert endpoints == {"devices": "fleet-api.devices", "device": "fleet-api.device", "query": "fleet-api.query"}
+                assert endpoints == {
+                    "devices": "fleet-api.devices", "device": "fleet-api.device", "query": "fleet-api.query",
+                    "config": "fleet-api.config", "commands": "fleet-api.commands",
+                }
             finally:
                 await nc.close()
 

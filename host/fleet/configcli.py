@@ -102,26 +102,32 @@ async def rollback(nats_url: str, key: str, version: int, if_version: int | None
 
 async def get_config(nats_url: str, device: str, timeout: float = 5.0) -> ConfigView:
     level_key(device=device)  # validates the id
-    nc, store = await _store(nats_url, timeout)
+    nc = await connect(nats_url, name="fleet-config", timeout=timeout)
     try:
-        js = nc.jetstream(timeout=timeout)
-        groups: list[str] = []
-        try:
-            devices = await js.key_value(DEVICES_BUCKET)
-            groups = DeviceRecord.from_json((await devices.get(device)).value or b"").groups
-        except (KeyNotFoundError, NotFoundError, ValueError):
-            pass  # never seen: no groups known
-        desired = await store.effective(device, groups)
-        reported = None
-        try:
-            message = await js.get_last_msg(CONFIG_REPORTS_STREAM, nats_subject(device, "config/reported"))
-            value = json.loads(message.data or b"null")
-            reported = value if isinstance(value, dict) else None
-        except (NotFoundError, ValueError):
-            pass
-        return ConfigView(device, groups, desired, reported)
+        return await config_view(nc, device, timeout)
     finally:
         await nc.close()
 
 
-__all__ = ["ConfigView", "get_config", "history", "rollback", "set_config"]
+async def config_view(nc: Any, device: str, timeout: float = 5.0) -> ConfigView:
+    """Desired, reported and in sync for one device, over an open connection."""
+    level_key(device=device)  # validates the id
+    js = nc.jetstream(timeout=timeout)
+    store = ConfigStore(await config_bucket(js))
+    groups: list[str] = []
+    try:
+        devices = await js.key_value(DEVICES_BUCKET)
+        groups = DeviceRecord.from_json((await devices.get(device)).value or b"").groups
+    except (KeyNotFoundError, NotFoundError, ValueError):
+        pass  # never seen: no groups known
+    desired = await store.effective(device, groups)
+    reported = None
+    try:
+        message = await js.get_last_msg(CONFIG_REPORTS_STREAM, nats_subject(device, "config/reported"))
+        value = json.loads(message.data or b"null")
+        reported = value if isinstance(value, dict) else None
+    except (NotFoundError, ValueError):
+        pass
+    return ConfigView(device, groups, desired, reported)
+
+__all__ = ["ConfigView", "config_view", "get_config", "history", "rollback", "set_config"]

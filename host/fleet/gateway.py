@@ -43,6 +43,7 @@ from . import __version__
 from .commands import CommandRelay, results_stream_config
 from .configpush import ConfigPublisher, reports_stream_config
 from .forwarding import BatchSplitter, SplitterConfig
+from .configcli import config_view
 from .natsconn import connect
 from .query import check_fields, parse_filter, scatter
 from .protocol import (
@@ -256,6 +257,8 @@ class Gateway:
             await self._service.add_endpoint(name="devices", subject=api_subject("devices"), handler=self._handle_devices)
             await self._service.add_endpoint(name="device", subject=api_subject("device"), handler=self._handle_device)
             await self._service.add_endpoint(name="query", subject=api_subject("query"), handler=self._handle_query)
+            await self._service.add_endpoint(name="config", subject=api_subject("config"), handler=self._handle_config)
+            await self._service.add_endpoint(name="commands", subject=api_subject("commands"), handler=self._handle_commands)
         except BaseException:
             await self.stop()
             raise
@@ -545,6 +548,35 @@ class Gateway:
         task = asyncio.create_task(_relay_query(self, request, where, fields, timeout))
         self._query_tasks.add(task)
         task.add_done_callback(self._query_tasks.discard)
+
+    async def _handle_config(self, request: Request) -> None:
+        """A device id -> its desired and reported configuration, in sync or not."""
+        assert self._nc is not None
+        device_id = request.data.decode("utf-8", errors="replace").strip()
+        if not is_valid_device_id(device_id):
+            raise ServiceError("400", f"invalid device id {device_id!r}: expected [A-Za-z0-9_-]{{1,32}}")
+        view = await config_view(self._nc, device_id)
+        await request.respond(json.dumps(view.to_json()).encode())
+
+    async def _handle_commands(self, request: Request) -> None:
+        """A command id -> its record; {"device": id} -> that device's commands."""
+        relay = self.command_relay
+        if relay is None or relay.store is None:
+            raise ServiceError("503", "commands are off: the gateway has no MQTT listener")
+        text = request.data.decode("utf-8", errors="replace").strip()
+        if text.startswith("{"):
+            try:
+                device_id = str(json.loads(text)["device"])
+            except (ValueError, KeyError, TypeError):
+                raise ServiceError("400", 'expected a command id or {"device": "<id>"}') from None
+            records = [r for r in await relay.store.all() if r.device == device_id]
+            await request.respond(_json_list([r.to_bytes() for r in records]))
+            return
+        try:
+            record, _ = await relay.store.get(text)
+        except (KeyNotFoundError, ValueError):
+            raise ServiceError("404", f"unknown command {text!r}") from None
+        await request.respond(record.to_bytes())
 
     async def _handle_device(self, request: Request) -> None:
         assert self._kv is not None
