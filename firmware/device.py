@@ -390,7 +390,8 @@ class Device:
 
     # -- main loop -----------------------------------------------------------------
     async def run(self):
-        log("device %s: %s firmware %s, boot %d (%s)" % (self.id, profile.NAME, self.firmware, self.state.boots, profile.reset_cause()))
+        compiled = " from .mpy" if __file__.endswith(".mpy") else ""
+        log("device %s: %s firmware %s%s, boot %d (%s)" % (self.id, profile.NAME, self.firmware, compiled, self.state.boots, profile.reset_cause()))
         asyncio.create_task(self.link.run())
         asyncio.create_task(self.dispatch())
         asyncio.create_task(self.forward())
@@ -411,8 +412,22 @@ def load_settings(protocol):
         delay = min(delay * 2, 60000)
 
 
+def too_old(minimum, version=None):
+    # The MicroPython version when it is older than `minimum` ("1.22"), else None.
+    if version is None:
+        version = sys.implementation.version
+    wanted = tuple(int(part) for part in minimum.split("."))
+    return "%d.%d.%d" % tuple(version[:3]) if tuple(version[: len(wanted)]) < wanted else None
+
+
 def main():
     protocol = settings_mod.load_protocol()
+    minimum = protocol.get("micropython_min")
+    old = minimum and too_old(minimum)
+    if old:
+        # Said at every boot, then carried on: most things may still work,
+        # and a board that refuses to start cannot be reached to update it.
+        log("MicroPython %s is older than %s, the oldest this firmware supports: update the board's MicroPython" % (old, minimum))
     while True:
         settings = load_settings(protocol)
         gc.collect()

@@ -6,13 +6,20 @@ import time
 import network
 
 # Before NTP the RTC counts from its reset value; anything earlier than this
-# (2023-11-14) is taken as "not set" and timestamps are reported as null.
+# (2023-11-14, Unix time) is taken as "not set" and timestamps are null.
 _UNSYNCED_BEFORE = 1700000000
+
+
+# Seconds from 1970 to 2000: ports whose time.time() counts from 2000 (the
+# ESP32 port did until recently) get this added, so timestamps and command
+# expiry are Unix time on every board.
+_EPOCH_2000 = 946684800
 
 
 class NetworkedBoard:
     def __init__(self):
         self.wlan = network.WLAN(network.STA_IF)
+        self.epoch_offset = _EPOCH_2000 if time.gmtime(0)[0] == 2000 else 0
 
     def wifi_connect(self, ssid, password):
         self.wlan.active(True)
@@ -39,7 +46,7 @@ class NetworkedBoard:
             return None
 
     def time_s(self):
-        t = time.time()
+        t = time.time() + self.epoch_offset
         return t if t >= _UNSYNCED_BEFORE else None
 
 

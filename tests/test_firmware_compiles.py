@@ -21,3 +21,13 @@ def test_compiles_with_mpy_cross(source: Path, tmp_path: Path) -> None:
     result = subprocess.run([str(mpy_cross), "-o", str(out), str(source)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:1] == b"M"  # the .mpy magic
+
+
+def test_compiling_a_board_twice_rewrites_nothing(tmp_path: Path) -> None:
+    from fleet.compile import compile_firmware
+
+    first = compile_firmware("pico_w", tmp_path)
+    names = {p.name for p in first}
+    assert {"device.mpy", "board.mpy", "backlog.mpy", "main.py"} <= names and "pngscreen.mpy" not in names
+    assert compile_firmware("pico_w", tmp_path) == []
+    assert (tmp_path / "protocol.json").exists()

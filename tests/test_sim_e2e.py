@@ -11,7 +11,7 @@ import pytest
 from fleet.observe import FleetObserver
 from fleet.server import NatsServer
 from fleet.simulator import Simulator
-from support import GatewayThread, wait_for
+from support import GatewayThread, stored_readings, wait_for
 
 KEEPALIVE_S = 2
 FAST = {
@@ -258,3 +258,17 @@ def test_dropped_link_reconnects_with_backoff_until_it_heals(faulty_sim: Simulat
     # between its first birth message and its first "link: up" line).
     device = faulty_sim.devices["sim-001"]
     wait_for(lambda: (text := device.log_text()).rfind("link: up") > text.rfind("link: down"), "link: up last", 10)
+
+
+def test_a_board_runs_from_the_compiled_mpy_files(tmp_path: Path, server: NatsServer, gateway: GatewayThread) -> None:
+    # The same bytecode `fleet flash` copies: no .py of the firmware on the path.
+    simulator = Simulator(tmp_path / "mpy-sim", server.host, server.mqtt_port, settings_defaults=FAST, compiled=True)
+    try:
+        simulator.start_fleet(1)
+        log = simulator.wait_for_log("sim-001", "link: up")
+        assert "sim firmware 0.1.0 from .mpy" in log
+        compiled = sorted(p.name for p in (tmp_path / "mpy-sim" / "mpy").iterdir())
+        assert "device.mpy" in compiled and "board.mpy" in compiled and "device.py" not in compiled
+        wait_for(lambda: len(stored_readings(server.url, "sim-001")) >= 3, "readings from the .mpy board", 15)
+    finally:
+        simulator.stop_all()

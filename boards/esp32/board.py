@@ -6,7 +6,6 @@ from netboard import NetworkedBoard, ssd1306_on_i2c
 
 NAME = "esp32"
 TCP_NODELAY = (6, 1)  # lwIP's IPPROTO_TCP and TCP_NODELAY
-HAS_DISPLAY = False
 LED_PIN = 2  # the blue LED on most ESP32 devkits
 
 _RESET_CAUSES = {

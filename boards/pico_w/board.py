@@ -7,7 +7,6 @@ NAME = "pico_w"
 # lwIP's IPPROTO_TCP and TCP_NODELAY. If the port refuses the option, the
 # link carries on: one write per packet keeps Nagle from stalling us anyway.
 TCP_NODELAY = (6, 1)
-HAS_DISPLAY = False  # the SSD1306 wiring arrives with the display work
 LED_PIN = "LED"  # on the CYW43 chip, not a GPIO
 TEMP_ADC = 4  # RP2040 internal temperature sensor
 # RP2040 datasheet, section 4.9.5: T = 27 - (V - 0.706) / 0.001721

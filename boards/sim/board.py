@@ -15,7 +15,6 @@ NAME = os.getenv("FLEET_SIM_BOARD_NAME") or "sim"
 # The unix port's socket module has no IPPROTO_TCP / TCP_NODELAY constants;
 # these are Linux's values.
 TCP_NODELAY = (6, 1)
-HAS_DISPLAY = False
 
 
 def unique_id():

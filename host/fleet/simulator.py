@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .faults import LinkMode, LinkProxy, ProxyLoop
-from .paths import FIRMWARE_DIR, micropython_executable, micropython_path
+from .compile import compile_firmware
+from .paths import MICROPYTHON_LIB_DIR, FIRMWARE_DIR, micropython_executable, micropython_path
 
 DEFAULT_HEAP = "128k"
 
@@ -74,6 +75,9 @@ class Simulator:
     # With fault injection on, each device reaches the broker through its
     # own LinkProxy, which the tests (and `fleet sim`) can cut or slow down.
     fault_injection: bool = False
+    # Run the .mpy files mpy-cross makes (what `fleet flash` copies) instead
+    # of the sources.
+    compiled: bool = False
     devices: dict[str, SimDevice] = field(default_factory=dict)
     proxies: dict[str, LinkProxy] = field(default_factory=dict)
     _proxy_loop: ProxyLoop | None = None
@@ -139,7 +143,12 @@ class Simulator:
     # -- processes ------------------------------------------------------------------
     def environment(self, device: SimDevice, reset_cause: str) -> dict[str, str]:
         env = dict(os.environ)
-        env["MICROPYPATH"] = micropython_path(self.board, self.firmware_dir)
+        if self.compiled:
+            compiled = self.data_dir / "mpy"
+            compile_firmware(self.board, compiled)
+            env["MICROPYPATH"] = ":".join([".frozen", str(compiled), str(MICROPYTHON_LIB_DIR)])
+        else:
+            env["MICROPYPATH"] = micropython_path(self.board, self.firmware_dir)
         env["FLEET_SIM_UNIQUE_ID"] = sim_unique_id(device.device_id)
         env["FLEET_SIM_RESET_CAUSE"] = reset_cause
         if device.reports_as:

