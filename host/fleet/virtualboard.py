@@ -1,0 +1,122 @@
+"""A virtual board for mpremote: the MicroPython unix port on a pty, its
+REPL bridged to a TCP socket, so `mpremote connect socket://127.0.0.1:PORT
+resume ...` copies files to it and runs code on it as it would over USB.
+Its working folder is its flash. (Use `resume`: the unix port has no soft
+reset.)"""
+from __future__ import annotations
+
+import os
+import pty
+import selectors
+import socket
+import subprocess
+import threading
+import tty
+from pathlib import Path
+
+from .paths import micropython_executable, micropython_path
+
+
+class VirtualBoard:
+    def __init__(self, flash_dir: Path, board: str = "sim", heapsize: str = "256k") -> None:
+        self.flash_dir = Path(flash_dir)
+        self.board = board
+        self.heapsize = heapsize
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self._listener: socket.socket | None = None
+        self._master = -1
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> int:
+        """Start the VM on a pty and listen on a free loopback port; returns it."""
+        self.flash_dir.mkdir(parents=True, exist_ok=True)
+        master, slave = pty.openpty()
+        # Raw: no echo, no newline translation. The VM's REPL does both
+        # itself, as a board's USB serial port does; mpremote counts bytes.
+        tty.setraw(slave)
+        env = dict(os.environ, MICROPYPATH=micropython_path(self.board))
+        self.process = subprocess.Popen(
+            [micropython_executable(), "-X", f"heapsize={self.heapsize}", "-i"],
+            stdin=slave, stdout=slave, stderr=slave, cwd=self.flash_dir, env=env, close_fds=True,
+        )
+        os.close(slave)
+        self._master = master
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, name="virtual-board", daemon=True)
+        self._thread.start()
+        return self.port
+
+    def _serve(self) -> None:
+        # One client at a time, like a USB serial port. Bytes from the pty
+        # with no client connected are dropped, as a serial line would.
+        assert self._listener is not None
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ, "accept")
+        selector.register(self._master, selectors.EVENT_READ, "pty")
+        client: socket.socket | None = None
+        try:
+            while not self._stop.is_set():
+                for key, _ in selector.select(timeout=0.2):
+                    if key.data == "accept":
+                        conn, _ = self._listener.accept()
+                        if client is not None:
+                            conn.close()  # busy, as a serial port held by another program
+                            continue
+                        client = conn
+                        selector.register(client, selectors.EVENT_READ, "client")
+                    elif key.data == "pty":
+                        try:
+                            data = os.read(self._master, 4096)
+                        except OSError:
+                            return  # the VM exited
+                        if not data:
+                            return
+                        if client is not None:
+                            try:
+                                client.sendall(data)
+                            except OSError:
+                                selector.unregister(client)
+                                client.close()
+                                client = None
+                    elif key.data == "client" and client is not None:
+                        data = client.recv(4096)
+                        if not data:
+                            selector.unregister(client)
+                            client.close()
+                            client = None
+                        else:
+                            os.write(self._master, data)
+        finally:
+            if client is not None:
+                client.close()
+            selector.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if self._listener is not None:
+            self._listener.close()
+        if self._master >= 0:
+            os.close(self._master)
+            self._master = -1
+
+    def __enter__(self) -> VirtualBoard:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+__all__ = ["VirtualBoard"]
