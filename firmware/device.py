@@ -333,6 +333,20 @@ class Device:
             self.stored.clear()
         return True
 
+    async def _feed_watchdog(self):
+        # Fed by the event loop itself: if any task blocks the loop for
+        # longer than the timeout (every socket operation is bounded well
+        # below it), the board resets. Started here, after the settings are
+        # good, so a board waiting for usable settings is never reset.
+        # Long enough for the slowest bounded step, a connect of several
+        # socket operations (the profile caps it where the port must).
+        dog = profile.watchdog(max(8000, 6 * self.settings["socket_timeout_ms"]))
+        if dog is None:
+            return
+        while True:
+            dog.feed()
+            await asyncio.sleep_ms(1000)
+
     def _batch(self, bodies):
         # Built by concatenation: the records are JSON already.
         log_ = self.backlog
@@ -396,6 +410,7 @@ class Device:
         asyncio.create_task(self.dispatch())
         asyncio.create_task(self.forward())
         asyncio.create_task(self.telemetry.run())
+        asyncio.create_task(self._feed_watchdog())
         await self.stopped.wait()
         self.link.close()
 

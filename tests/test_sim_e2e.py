@@ -272,3 +272,15 @@ def test_a_board_runs_from_the_compiled_mpy_files(tmp_path: Path, server: NatsSe
         wait_for(lambda: len(stored_readings(server.url, "sim-001")) >= 3, "readings from the .mpy board", 15)
     finally:
         simulator.stop_all()
+
+
+def test_a_safe_file_keeps_the_firmware_from_starting(sim: Simulator) -> None:
+    device = sim.add("sim-001")
+    (device.flash_dir / "SAFE").write_text("")
+    sim.start("sim-001")
+    log = sim.wait_for_log("sim-001", "safe boot: firmware not started")
+    wait_for(lambda: not device.running, "the VM to return to its prompt (here: exit)", 10)
+    assert "link:" not in log and "device sim-001" not in log
+    (device.flash_dir / "SAFE").unlink()
+    sim.start("sim-001")
+    sim.wait_for_log("sim-001", "link: up")

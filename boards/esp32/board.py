@@ -25,6 +25,15 @@ def reset_cause():
     return _RESET_CAUSES.get(machine.reset_cause(), "other")
 
 
+def safe_boot_requested():
+    # The BOOT button (GPIO 0, pulled up, low when held) at power-up.
+    return machine.Pin(0, machine.Pin.IN, machine.Pin.PULL_UP).value() == 0
+
+
+def watchdog(timeout_ms):
+    return machine.WDT(timeout=timeout_ms)
+
+
 def reset():
     machine.reset()
 

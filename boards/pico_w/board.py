@@ -26,6 +26,21 @@ def reset_cause():
     return _RESET_CAUSES.get(machine.reset_cause(), "other")
 
 
+def safe_boot_requested():
+    # BOOTSEL held at power-up.
+    try:
+        import rp2
+
+        return bool(rp2.bootsel_button())
+    except (ImportError, AttributeError):
+        return False
+
+
+def watchdog(timeout_ms):
+    # The RP2040 watchdog caps its timeout at about 8.3 s.
+    return machine.WDT(timeout=min(timeout_ms, 8300))
+
+
 def reset():
     machine.reset()
 

@@ -36,6 +36,16 @@ def reset_cause():
     return os.getenv("FLEET_SIM_RESET_CAUSE") or "power_on"
 
 
+def safe_boot_requested():
+    # No button on the simulator: the SAFE file is its way.
+    return False
+
+
+def watchdog(timeout_ms):
+    # The unix port has no watchdog; the simulator notices a hung board.
+    return None
+
+
 def reset():
     # The unix port cannot reset itself: the firmware's main loop starts a
     # fresh Device in the same process, which is what a board does after
