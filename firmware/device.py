@@ -121,7 +121,6 @@ class Device:
             self.screen = None
         self.config = Config(protocol["config"], self._apply_config, self._report_config, log)
         self.config.load()  # before any connection: what was last applied
-        self.board_name = profile.NAME
         self.reboot_requested = False
         self.stopped = asyncio.Event()
         self.commands = Commands(self, self._report_command, log)

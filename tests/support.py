@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fleet.background import BackgroundGateway
+from fleet.simulator import Simulator
 from fleet.tail import Reading, stored
 
 T = TypeVar("T")
@@ -31,3 +32,10 @@ def wait_for(check: Callable[[], T | None], what: str, timeout: float, every: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
         time.sleep(every)
+
+
+def cut_link(sim: Simulator, device: str) -> None:
+    """Drop the board's link and wait until it has seen the cut and a refused retry."""
+    downs = sim.devices[device].log_text().count("link: down")
+    sim.set_link(device, "drop")
+    sim.wait_for_log(device, "link: down", count=downs + 2, timeout=10)

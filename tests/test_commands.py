@@ -10,7 +10,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from support import GatewayThread, wait_for
+from support import GatewayThread, cut_link, wait_for
 
 from fleet.cli import main
 from fleet.cmdcli import send, status
@@ -35,12 +35,6 @@ def online(sim: Simulator, device: str = "sim-001") -> None:
     sim.add(device)
     sim.start(device)
     sim.wait_for_log(device, "link: up", timeout=10)
-
-
-def cut_link(sim: Simulator, device: str) -> None:
-    downs = sim.devices[device].log_text().count("link: down")
-    sim.set_link(device, "drop")
-    sim.wait_for_log(device, "link: down", count=downs + 2, timeout=10)
 
 
 def record(server: NatsServer, command_id: str) -> CommandRecord:

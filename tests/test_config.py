@@ -11,7 +11,7 @@ from typing import Any
 import nats
 import paho.mqtt.client as mqtt
 import pytest
-from support import GatewayThread, wait_for
+from support import GatewayThread, cut_link, wait_for
 
 from fleet.cli import main
 from fleet.config import ConfigError, parse_assignment
@@ -46,13 +46,6 @@ def reported(server: NatsServer, device: str, version: int, status: str = "appli
     got = view(server, device)
     report = got["reported"] or {}
     return got if report.get("version") == version and report.get("status") == status else None
-
-
-def cut_link(sim: Simulator, device: str) -> None:
-    """Drop the board's link and wait until it has seen the cut and a refused retry."""
-    downs = sim.devices[device].log_text().count("link: down")
-    sim.set_link(device, "drop")
-    sim.wait_for_log(device, "link: down", count=downs + 2, timeout=10)
 
 
 def start_online(sim: Simulator, gateway: GatewayThread, device: str = "sim-001", **settings: Any) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import io
 import os
 import struct
 import subprocess

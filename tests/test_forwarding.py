@@ -4,11 +4,9 @@ batch comes again), the ack a board waits for, gaps, malformed batches, and
 one splitter at a time across gateway instances."""
 from __future__ import annotations
 
-import asyncio
 import json
 import queue
 from collections.abc import Iterator
-from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest

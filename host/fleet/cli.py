@@ -129,12 +129,17 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return asyncio.run(run_simulation(options))
 
 
-def _config_target(args: argparse.Namespace) -> str:
-    from .config import level_key
-
+def _check_one_target(args: argparse.Namespace) -> None:
+    # `fleet config` and `fleet cmd` address a device, a group or the fleet.
     chosen = [name for name, given in (("DEVICE", args.device), ("--group", args.group), ("--all", args.all)) if given]
     if len(chosen) != 1:
         raise CommandError("name exactly one target: DEVICE, --group G or --all")
+
+
+def _config_target(args: argparse.Namespace) -> str:
+    from .config import level_key
+
+    _check_one_target(args)
     return level_key(device=args.device, group=args.group)
 
 
@@ -202,9 +207,7 @@ def cmd_cmd(args: argparse.Namespace) -> int:
             raise CommandError(f"unexpected {' '.join(words)!r}: ARGS is one JSON object")
     try:
         if args.action == "send":
-            chosen = [n for n, given in (("DEVICE", args.device), ("--group", args.group), ("--all", args.all)) if given]
-            if len(chosen) != 1:
-                raise CommandError("name exactly one target: DEVICE, --group G or --all")
+            _check_one_target(args)
             records = asyncio.run(cmdcli.send(
                 args.nats, args.name, parse_args(args.args), device=args.device, group=args.group, everyone=args.all,
                 ttl=parse_duration(args.ttl) if args.ttl else None, wait=args.timeout if args.wait else None,

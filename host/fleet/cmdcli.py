@@ -10,9 +10,9 @@ from typing import Any
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from .commands import CommandError, CommandRecord, CommandStore, commands_bucket
+from .inventory import registry_records
 from .natsconn import connect
-from .protocol import DEVICES_BUCKET, is_valid_device_id
-from .wire import DeviceRecord
+from .protocol import is_valid_device_id
 
 
 async def _targets(js: Any, device: str | None, group: str | None, everyone: bool) -> list[str]:
@@ -20,19 +20,10 @@ async def _targets(js: Any, device: str | None, group: str | None, everyone: boo
         if not is_valid_device_id(device):
             raise CommandError(f"invalid device id {device!r}: expected [A-Za-z0-9_-]{{1,32}}")
         return [device]
-    try:
-        registry = await js.key_value(DEVICES_BUCKET)
-        keys = await registry.keys()
-    except Exception:  # no registry yet, or no keys in it
-        keys = []
-    chosen = []
-    for key in keys:
-        try:
-            record = DeviceRecord.from_json((await registry.get(key)).value or b"")
-        except (KeyNotFoundError, ValueError):
-            continue
-        if everyone or (group is not None and group in record.groups):
-            chosen.append(record.id)
+    chosen = [
+        record.id for record in await registry_records(js)
+        if everyone or (group is not None and group in record.groups)
+    ]
     if not chosen:
         raise CommandError(f"no device in group {group}" if group else "no devices known yet")
     return sorted(chosen)

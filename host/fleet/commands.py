@@ -26,9 +26,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from .jetstream import ensure_bucket, quietly
 from .protocol import COMMANDS_BUCKET, COMMAND_RESULTS_STREAM, is_valid_device_id, mqtt_topic, nats_subject
 
 log = logging.getLogger(__name__)
@@ -107,17 +108,7 @@ def parse_args(text: str | None) -> dict[str, Any]:
 
 
 async def commands_bucket(js: JetStreamContext) -> KeyValue:
-    try:
-        return await js.key_value(COMMANDS_BUCKET)
-    except BucketNotFoundError:
-        pass
-    try:
-        return await js.create_key_value(
-            bucket=COMMANDS_BUCKET, description="one record per command and device", history=1,
-            storage=api.StorageType.FILE,
-        )
-    except Exception:
-        return await js.key_value(COMMANDS_BUCKET)
+    return await ensure_bucket(js, COMMANDS_BUCKET, "one record per command and device")
 
 
 class CommandStore:
@@ -256,14 +247,14 @@ class CommandRelay:
             result = json.loads(message.data)
             command_id, status = result["id"], result["status"]
         except (ValueError, KeyError, TypeError):
-            await message.ack()  # nothing to update: a malformed result or a rejection without id
+            await quietly(message.ack())  # nothing to update: a malformed result or a rejection without id
             return
         if isinstance(command_id, str) and status in ORDER:
             at = message.metadata.timestamp.timestamp()
             await self.store.update(
                 command_id, lambda r: r.advance(status, at, result.get("result"), result.get("error"))
             )
-        await message.ack()
+        await quietly(message.ack())
 
 
 __all__ = [

@@ -20,10 +20,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from nats.js import JetStreamContext, api
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 
+from .jetstream import ensure_bucket
 from .protocol import CONFIG_BUCKET, is_valid_device_id, protocol
 
 CONFIG_HISTORY = 64
@@ -113,6 +114,11 @@ def level_key(device: str | None = None, group: str | None = None) -> str:
     return "fleet"
 
 
+def levels_of(device_id: str, groups: list[str]) -> list[str]:
+    """The bucket keys that make a device's configuration, lowest first."""
+    return ["fleet", *(f"group.{g}" for g in groups if is_valid_device_id(g)), f"device.{device_id}"]
+
+
 def describe_level(key: str) -> str:
     kind, _, name = key.partition(".")
     return {"fleet": "the fleet", "group": f"group {name}", "device": f"device {name}"}[kind]
@@ -156,19 +162,9 @@ def _decode(data: bytes | None) -> dict[str, Any]:
 
 
 async def config_bucket(js: JetStreamContext) -> KeyValue:
-    try:
-        return await js.key_value(CONFIG_BUCKET)
-    except BucketNotFoundError:
-        pass
-    try:
-        return await js.create_key_value(
-            bucket=CONFIG_BUCKET,
-            description="desired configuration: fleet, group.<g>, device.<id>",
-            history=CONFIG_HISTORY,
-            storage=api.StorageType.FILE,
-        )
-    except Exception:
-        return await js.key_value(CONFIG_BUCKET)
+    return await ensure_bucket(
+        js, CONFIG_BUCKET, "desired configuration: fleet, group.<g>, device.<id>", history=CONFIG_HISTORY
+    )
 
 
 class ConfigStore:
@@ -183,8 +179,7 @@ class ConfigStore:
         return Level(key, _decode(entry.value), entry.revision or 0)
 
     async def effective(self, device_id: str, groups: list[str]) -> Effective:
-        keys = ["fleet", *(f"group.{g}" for g in groups if is_valid_device_id(g)), f"device.{device_id}"]
-        levels = [await self.level(key) for key in keys]
+        levels = [await self.level(key) for key in levels_of(device_id, groups)]
         return merge([level for level in levels if level.version])
 
     async def set(self, key: str, changes: dict[str, Any], if_version: int | None = None) -> Level:
@@ -260,6 +255,7 @@ __all__ = [
     "config_schema",
     "describe_level",
     "level_key",
+    "levels_of",
     "merge",
     "parse_assignment",
 ]

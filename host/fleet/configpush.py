@@ -25,7 +25,7 @@ import paho.mqtt.client as mqtt
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
-from .config import ConfigStore, Effective, Level, config_bucket, merge
+from .config import ConfigStore, Effective, Level, config_bucket, levels_of, merge
 from .protocol import CONFIG_REPORTS_STREAM, DEVICES_BUCKET, is_valid_device_id, mqtt_topic, nats_subject
 from .wire import DeviceRecord
 
@@ -151,7 +151,7 @@ class ConfigPublisher:
             await self._publish(record.id)
 
     def effective(self, device_id: str) -> Effective:
-        keys = ["fleet", *(f"group.{g}" for g in self.groups.get(device_id, [])), f"device.{device_id}"]
+        keys = levels_of(device_id, self.groups.get(device_id, []))
         return merge([self.levels[key] for key in keys if key in self.levels])
 
     async def _publish_all(self) -> None:

@@ -36,13 +36,12 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import (
-    APIError,
-    BucketNotFoundError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
 )
 from nats.js.kv import KeyValue
 
+from .jetstream import ensure_bucket, quietly
 from .protocol import BATCH_STREAM, FORWARDING_BUCKET, LEASE_BUCKET, nats_subject
 from .wire import ForwardingState, MalformedPayload, ReadingBatch
 
@@ -69,7 +68,7 @@ class SplitterCounters:
     forwarded: int = 0
     duplicates: int = 0
     malformed: int = 0
-    failed: int = 0  # batches left for redelivery after an error
+    failed: int = 0  # attempts that failed and were retried (JetStream unavailable)
 
 
 def batch_stream_config(config: SplitterConfig) -> api.StreamConfig:
@@ -83,19 +82,6 @@ def batch_stream_config(config: SplitterConfig) -> api.StreamConfig:
         max_age=config.batch_max_age,
         duplicate_window=config.duplicate_window,
     )
-
-
-async def ensure_bucket(js: JetStreamContext, name: str, description: str, ttl: float | None = None) -> KeyValue:
-    try:
-        return await js.key_value(name)
-    except BucketNotFoundError:
-        pass
-    try:
-        return await js.create_key_value(
-            bucket=name, description=description, history=1, ttl=ttl, storage=api.StorageType.FILE
-        )
-    except APIError:
-        return await js.key_value(name)  # another instance created it first
 
 
 class BatchSplitter:
@@ -234,16 +220,16 @@ class BatchSplitter:
         while True:
             try:
                 device_id, last_seq = await self._split(message)
-                await _quietly(message.ack())
+                await quietly(message.ack())
                 # The board moves its log on only when it hears this: sent for
                 # duplicates too, so a board that missed it catches up.
-                await _quietly(self.nc.publish(nats_subject(device_id, "ack"), str(last_seq).encode()))
+                await quietly(self.nc.publish(nats_subject(device_id, "ack"), str(last_seq).encode()))
                 return
             except Exception as error:
                 self.counters.failed += 1
                 if self._stopping.is_set():
                     return  # left unacknowledged: the next holder gets it first
-                await _quietly(message.in_progress())  # still ours: no redelivery meanwhile
+                await quietly(message.in_progress())  # still ours: no redelivery meanwhile
                 log.warning("splitter: batch on %s not forwarded yet (%r); retrying", message.subject, error)
                 await self._sleep_unless_stopping(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -317,20 +303,10 @@ class BatchSplitter:
             pass
 
 
-async def _quietly(ack: Awaitable[None]) -> None:
-    # An ack that is not sent means the batch comes again; the mark makes
-    # that harmless.
-    try:
-        await ack
-    except Exception as error:
-        log.debug("ack not sent: %s", error)
-
-
 __all__ = [
     "BatchSplitter",
     "SPLITTER_CONSUMER",
     "SplitterConfig",
     "SplitterCounters",
     "batch_stream_config",
-    "ensure_bucket",
 ]

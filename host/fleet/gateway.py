@@ -22,7 +22,6 @@ import json
 import logging
 import random
 from typing import Any
-from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 
 from nats.aio.client import Client
@@ -30,7 +29,6 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import (
     APIError,
-    BucketNotFoundError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
 )
@@ -44,6 +42,7 @@ from .commands import CommandRelay, results_stream_config
 from .configpush import ConfigPublisher, reports_stream_config
 from .forwarding import BatchSplitter, SplitterConfig
 from .configcli import config_view
+from .jetstream import ensure_bucket, quietly
 from .natsconn import connect
 from .query import check_fields, parse_filter, scatter
 from .protocol import (
@@ -229,7 +228,7 @@ class Gateway:
             self._js = self._nc.jetstream()
             for stream in (self._telemetry_stream_config(), self._presence_stream_config()):
                 await self._ensure_stream(stream)
-            self._kv = await self._ensure_bucket()
+            self._kv = await ensure_bucket(self._js, DEVICES_BUCKET, "one record per device, kept by the fleet gateway")
             self.splitter = BatchSplitter(self._nc, self._js, self.config.splitter)
             await self.splitter.start(self._ensure_stream)
             await self._ensure_stream(reports_stream_config())
@@ -352,23 +351,6 @@ class Gateway:
             await self._js.update_stream(config)
             log.info("stream %s updated to the configured limits", config.name)
 
-    async def _ensure_bucket(self) -> KeyValue:
-        assert self._js is not None
-        try:
-            return await self._js.key_value(DEVICES_BUCKET)
-        except BucketNotFoundError:
-            pass
-        try:
-            return await self._js.create_key_value(
-                bucket=DEVICES_BUCKET,
-                description="one record per device, kept by the fleet gateway",
-                history=1,
-                storage=api.StorageType.FILE,
-            )
-        except APIError:
-            # Another instance created it between our two calls.
-            return await self._js.key_value(DEVICES_BUCKET)
-
     async def _subscribe(self, feed: _StreamFeed) -> JetStreamContext.PullSubscription:
         assert self._js is not None
         consumer = api.ConsumerConfig(
@@ -450,7 +432,7 @@ class Gateway:
             if device_id is None:
                 self.counters.rejected += 1
                 log.warning("%s: no valid device id in subject %r; dropped", feed.kind, message.subject)
-                await _quietly(message.term())
+                await quietly(message.term())
                 continue
             by_device.setdefault(device_id, []).append((self._decode(feed, device_id, message), message))
         await asyncio.gather(*(self._settle(device_id, items) for device_id, items in by_device.items()))
@@ -463,10 +445,10 @@ class Gateway:
             self.counters.failed_writes += 1
             log.warning("device %s: registry write failed (%s); messages will be redelivered", device_id, error)
             for _, message in items:
-                await _quietly(message.nak(delay=1.0))
+                await quietly(message.nak(delay=1.0))
             return
         for _, message in items:
-            await _quietly(message.ack())
+            await quietly(message.ack())
 
     async def _write_record(self, device_id: str, events: list[DeviceEvent]) -> DeviceRecord:
         assert self._kv is not None
@@ -618,15 +600,6 @@ def _merge_forwarding(record: DeviceRecord, state: ForwardingState | None) -> No
 
 def _json_list(encoded_items: list[bytes]) -> bytes:
     return b"[" + b",".join(encoded_items) + b"]"
-
-
-async def _quietly(ack: Awaitable[None]) -> None:
-    # An ack that cannot be sent (connection lost) means redelivery later,
-    # which apply_events tolerates; it must not abort the rest of the batch.
-    try:
-        await ack
-    except Exception as error:
-        log.debug("ack not sent: %s", error)
 
 
 __all__ = [

@@ -11,10 +11,12 @@ from collections.abc import Sequence
 
 import nats.errors
 from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
 from .natsconn import connect
-from .protocol import api_subject
+from .protocol import DEVICES_BUCKET, api_subject
 from .wire import DeviceRecord
 
 
@@ -120,6 +122,23 @@ def format_table(records: Sequence[DeviceRecord], now: float | None = None) -> s
     return "\n".join(lines)
 
 
+async def registry_records(js: JetStreamContext) -> list[DeviceRecord]:
+    """Every record in the registry bucket, read directly (no gateway needed);
+    empty when there is no registry yet."""
+    try:
+        registry = await js.key_value(DEVICES_BUCKET)
+        keys = await registry.keys()
+    except Exception:  # no registry yet, or no keys in it (nats-py raises for both)
+        return []
+    records = []
+    for key in keys:
+        try:
+            records.append(DeviceRecord.from_json((await registry.get(key)).value or b""))
+        except (KeyNotFoundError, ValueError):
+            continue  # deleted meanwhile, or not a device record
+    return records
+
+
 __all__ = [
     "ApiError",
     "DeviceNotFound",
@@ -130,5 +149,6 @@ __all__ = [
     "fetch_devices",
     "format_age",
     "format_table",
+    "registry_records",
     "table_row",
 ]

@@ -37,8 +37,8 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from .protocol import DEVICES_BUCKET, nats_subject, protocol, topic_root
-from .wire import DeviceRecord
+from .inventory import registry_records
+from .protocol import nats_subject, protocol, topic_root
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -225,20 +225,7 @@ class QueryOutcome:
 
 async def online_devices(nc: Client) -> set[str]:
     """Devices the registry says are online now."""
-    try:
-        kv = await nc.jetstream().key_value(DEVICES_BUCKET)
-        keys = await kv.keys()
-    except Exception:  # no registry yet, or no keys
-        return set()
-    online = set()
-    for key in keys:
-        try:
-            record = DeviceRecord.from_json((await kv.get(key)).value or b"")
-        except Exception:
-            continue
-        if record.online:
-            online.add(record.id)
-    return online
+    return {record.id for record in await registry_records(nc.jetstream()) if record.online}
 
 
 async def scatter(
