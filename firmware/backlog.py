@@ -73,16 +73,19 @@ class BacklogLog:
 
     # -- recording ---------------------------------------------------------------
     def append(self, body):
-        # Never blocks on the network and never raises: a full flash drops
-        # the oldest data, counted, rather than the newest.
+        # Never blocks on the network: a full flash drops the oldest data,
+        # counted, rather than the newest. Raises ValueError for a record
+        # over _MAX_RECORD, MemoryError when the heap is exhausted.
         n = len(body)
         if n > _MAX_RECORD:
             raise ValueError("record of %d bytes is over %d" % (n, _MAX_RECORD))
         if not self.pending_count:
             self.pending_since = ticks_ms()
         struct.pack_into("<HI", self.header, 0, n, binascii.crc32(body))
-        self.pending.extend(self.header)
-        self.pending.extend(body)
+        # One extend of header and body together: if the heap cannot take
+        # it (MemoryError), the log is left as it was, never with a header
+        # and no body.
+        self.pending.extend(self.header + body)
         self.pending_count += 1
         if self.pending_count >= self.flush_records:
             self.flush()

@@ -110,7 +110,7 @@ class Device:
         self.stored = asyncio.Event()  # the gateway acknowledged a batch
         self.stored_seq = -1  # the last sequence the gateway says is stored
         self.forwarded = 0
-        self.rejected = 0  # readings refused by record() (too large)
+        self.rejected = 0  # readings refused by record() (too large, or no heap)
         self.errors = 0
         self.log_level = "info"
         self.display_text = ""
@@ -232,15 +232,20 @@ class Device:
     # -- telemetry ---------------------------------------------------------------
     def record(self, reading):
         # The one door for readings: into the flash log first, online or
-        # not; the forwarder takes them from there.
-        reading["seq"] = self.state.next_seq()
-        reading["ts"] = self.board.time_s()
-        reading["boot"] = self.state.boots
+        # not; the forwarder takes them from there. Never raises: a reading
+        # that cannot be kept is counted in `rejected` (its seq stays unused).
         try:
+            reading["seq"] = self.state.next_seq()
+            reading["ts"] = self.board.time_s()
+            reading["boot"] = self.state.boots
             self.backlog.append(json.dumps(reading).encode())
         except ValueError as e:  # too big for one record: say so, keep running
             self.rejected += 1
             log("reading %d rejected: %s" % (reading["seq"], e))
+            return False
+        except MemoryError:  # no heap for it now; this message allocates nothing
+            self.rejected += 1
+            log("reading rejected: out of memory")
             return False
         if self.log_level == "debug":
             log("reading %d recorded" % reading["seq"])
@@ -402,13 +407,27 @@ class Device:
                 self.stopped.set()  # the result is out (QoS 1, acknowledged): now reboot
 
     # -- main loop -----------------------------------------------------------------
+    async def keep_running(self, name, task, pause_ms=1000):
+        # Each task loops forever and catches what it expects; anything else
+        # (a MemoryError on a fragmented heap, a bug) is logged, counted, and
+        # the task starts again after a pause, so the board never silently
+        # stops recording or forwarding. The log in flash keeps the readings.
+        while True:
+            try:
+                await task()
+            except Exception as e:
+                self.errors += 1
+                log("%s stopped: %r; restarting in %d ms" % (name, e, pause_ms))
+                gc.collect()
+                await asyncio.sleep_ms(pause_ms)
+
     async def run(self):
         compiled = " from .mpy" if __file__.endswith(".mpy") else ""
         log("device %s: %s firmware %s%s, boot %d (%s)" % (self.id, profile.NAME, self.firmware, compiled, self.state.boots, profile.reset_cause()))
-        asyncio.create_task(self.link.run())
-        asyncio.create_task(self.dispatch())
-        asyncio.create_task(self.forward())
-        asyncio.create_task(self.telemetry.run())
+        asyncio.create_task(self.keep_running("link", self.link.run))
+        asyncio.create_task(self.keep_running("dispatch", self.dispatch))
+        asyncio.create_task(self.keep_running("forward", self.forward))
+        asyncio.create_task(self.keep_running("telemetry", self.telemetry.run))
         asyncio.create_task(self._feed_watchdog())
         await self.stopped.wait()
         self.link.close()

@@ -51,7 +51,10 @@ class Link:
         self.on_message = on_message  # called as on_message(topic, payload, discarded_len)
         self.log = log
         self.keepalive_ms = settings["keepalive_s"] * 1000
-        self.sockets = SocketFactory(settings["socket_timeout_ms"], settings["max_payload"], nodelay)
+        # A batch packet: batch_bytes of readings, its JSON envelope, the
+        # topic and the MQTT header, rounded up to the buffer's 512-byte steps.
+        out_size = (settings["batch_bytes"] + 128 + 511) & ~511
+        self.sockets = SocketFactory(settings["socket_timeout_ms"], settings["max_payload"], nodelay, out_size)
         self.subscriptions = []  # (topic, qos), restored on every connect
         self.birth = None  # payload (or a function making it) published retained on status_topic after connect
         self.will = None
@@ -102,7 +105,7 @@ class Link:
                 if self.on_up:
                     self.on_up()
                 await self._serve()
-            except LINK_ERRORS as e:
+            except Exception as e:  # LINK_ERRORS, or MemoryError mid-packet: the connection is unusable
                 self._drop(e)
             delay = backoff_ms(attempt, self.settings["reconnect_min_ms"], self.settings["reconnect_max_ms"])
             attempt += 1

@@ -20,13 +20,16 @@ _POLLOUT = select.POLLOUT
 
 
 class PacketSocket:
-    def __init__(self, timeout_ms, max_read, nodelay=None):
+    def __init__(self, timeout_ms, max_read, nodelay=None, out_size=128):
         self.sock = socket.socket()
         self.timeout_ms = timeout_ms
         self.max_read = max_read
         self.nodelay = nodelay  # (level, option) from the board profile, or None
         self.poller = select.poll()
-        self.out = bytearray(128)
+        # Sized once for the largest packet the board usually sends (a
+        # batch), so the heap stays steady after the first connection and a
+        # fragmented heap is asked for this block early, not mid-outage.
+        self.out = bytearray(out_size)
         self.n = 0  # bytes gathered in self.out, not yet sent
         self.blocking = True
         self.first = None  # first byte of a packet, already read by the link
@@ -173,14 +176,15 @@ class PacketSocket:
 class SocketFactory:
     # Stands in for the `socket` module inside umqtt.simple, whose connect()
     # creates its own socket with no timeout and no TCP_NODELAY.
-    def __init__(self, timeout_ms, max_read, nodelay):
+    def __init__(self, timeout_ms, max_read, nodelay, out_size=128):
         self.timeout_ms = timeout_ms
         self.max_read = max_read
         self.nodelay = nodelay
+        self.out_size = out_size
         self.last = None
 
     def socket(self):
-        self.last = PacketSocket(self.timeout_ms, self.max_read, self.nodelay)
+        self.last = PacketSocket(self.timeout_ms, self.max_read, self.nodelay, self.out_size)
         return self.last
 
     def getaddrinfo(self, host, port):

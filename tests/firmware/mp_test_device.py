@@ -1,5 +1,6 @@
 # Pieces of the device that need no broker: the bounded inbox, the device
 # id, the backoff schedule.
+import json
 import os
 
 from device import Inbox, device_id_from
@@ -41,3 +42,53 @@ def test_an_older_micropython_is_named_and_a_newer_one_is_not():
     assert too_old("1.21", (1, 21, 0)) is None
     assert too_old("1.21", (1, 28, 0, "")) is None
     assert too_old("1.21", (2, 0, 0)) is None
+
+
+def _device():
+    import settings
+    from device import Device
+
+    protocol = settings.load_protocol()
+    chosen = settings.validate({"wifi_ssid": "lab", "mqtt_host": "127.0.0.1", "device_id": "heap-1"}, protocol["settings"])
+    return Device(chosen, protocol)
+
+
+def test_a_reading_refused_for_want_of_heap_is_counted_and_the_next_one_goes_in():
+    import micropython
+
+    device = _device()
+    assert device.record({"temp_c": 20})
+    reading = {"temp_c": 21}
+    micropython.heap_lock()
+    try:
+        accepted = device.record(reading)
+    finally:
+        micropython.heap_unlock()
+    assert accepted is False and device.rejected == 1
+    assert device.record({"temp_c": 22})
+    device.backlog.flush()
+    bodies, _ = device.backlog.read_batch(4096)
+    assert [json.loads(b)["temp_c"] for b in bodies] == [20, 22], bodies  # nothing torn in between
+
+
+def test_a_task_that_dies_is_started_again_and_counted():
+    import asyncio
+
+    device = _device()
+    runs = []
+    done = asyncio.Event()
+
+    async def flaky():
+        runs.append(1)
+        if len(runs) < 3:
+            raise MemoryError("fragmented")
+        done.set()
+        await asyncio.sleep_ms(60000)
+
+    async def main():
+        task = asyncio.create_task(device.keep_running("flaky", flaky, 10))
+        await asyncio.wait_for_ms(done.wait(), 5000)
+        task.cancel()
+
+    asyncio.run(main())
+    assert len(runs) == 3 and device.errors == 2
