@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-firmware sim bench clean
+.PHONY: setup test test-firmware sim bench flash clean
 
 setup: $(STAMP) build/micropython-lib/.installed.json
 
@@ -25,6 +25,11 @@ test-firmware: setup
 # The whole system on one machine for a bounded time: server, gateway, 3 boards.
 sim: setup
 	$(BIN)/fleet sim --devices 3 --duration 15 --data-dir build/sim-data
+
+# Flash a board on USB: make flash BOARD=pico_w PORT=/dev/ttyACM0 [SETTINGS=settings.json]
+flash: setup
+	@test -n "$(BOARD)" -a -n "$(PORT)" || { echo "usage: make flash BOARD=pico_w|esp32|sim PORT=/dev/ttyACM0 [SETTINGS=FILE]"; exit 2; }
+	$(BIN)/fleet flash --board $(BOARD) --port $(PORT) $(if $(SETTINGS),--settings $(SETTINGS))
 
 bench: setup
 	$(BIN)/python -m fleet.bench

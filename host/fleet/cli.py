@@ -451,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between readings (default: %(default)s)")
     p.add_argument("--nicknames", type=int, default=0, metavar="N", help="also run N nickname service instances")
     p.set_defaults(func=cmd_sim)
+
+    from .flashcli import add_commands as add_flash_commands
+
+    add_flash_commands(sub)
     return parser
 
 

@@ -26,6 +26,7 @@ from nats.js.kv import KeyValue
 
 from .jetstream import ensure_bucket
 from .protocol import CONFIG_BUCKET, is_valid_device_id, protocol
+from .schema import problem
 
 CONFIG_HISTORY = 64
 
@@ -48,24 +49,9 @@ def check_value(key: str, value: Any) -> None:
     schema = config_schema()
     if key not in schema:
         raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(schema))})")
-    rule = schema[key]
-    kind = rule["type"]
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: must be true or false, got {value!r}")
-    elif kind == "choice":
-        if value not in rule["values"]:
-            raise ConfigError(f"{key}: must be one of {', '.join(rule['values'])}, got {value!r}")
-    elif kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: must be an integer, got {value!r}")
-        if not rule.get("min", value) <= value <= rule.get("max", value):
-            raise ConfigError(f"{key}: must be from {rule['min']} to {rule['max']}, got {value}")
-    elif kind == "str":
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: must be a string, got {value!r}")
-        if len(value) > rule.get("max", len(value)):
-            raise ConfigError(f"{key}: must be at most {rule['max']} characters long")
+    wrong = problem(schema[key], value)
+    if wrong:
+        raise ConfigError(f"{key}: {wrong}")
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:

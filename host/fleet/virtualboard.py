@@ -8,26 +8,45 @@ from __future__ import annotations
 import os
 import pty
 import selectors
+import signal
 import socket
 import subprocess
 import threading
+import time
 import tty
 from pathlib import Path
 
 from .paths import micropython_executable, micropython_path
 
 
+def _catches_sigint(pid: int) -> bool:
+    # Linux: the caught-signals mask in /proc; SIGINT is signal 2.
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) & 1 << (signal.SIGINT - 1))
+    except OSError:
+        pass
+    return False
+
+
 class VirtualBoard:
-    def __init__(self, flash_dir: Path, board: str = "sim", heapsize: str = "256k") -> None:
+    def __init__(self, flash_dir: Path, board: str = "sim", heapsize: str = "256k", bare: bool = False) -> None:
+        """bare: nothing of the repository on the VM's path, only what was
+        copied into its flash (and ./lib, where mip installs), like a
+        board fresh from the factory; else the firmware runs from the repo."""
         self.flash_dir = Path(flash_dir)
         self.board = board
         self.heapsize = heapsize
+        self.bare = bare
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self._listener: socket.socket | None = None
         self._master = -1
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._last_interrupt = 0.0
 
     def start(self) -> int:
         """Start the VM on a pty and listen on a free loopback port; returns it."""
@@ -36,7 +55,9 @@ class VirtualBoard:
         # Raw: no echo, no newline translation. The VM's REPL does both
         # itself, as a board's USB serial port does; mpremote counts bytes.
         tty.setraw(slave)
-        env = dict(os.environ, MICROPYPATH=micropython_path(self.board))
+        # "./lib" ends in "/lib", so mip picks it as a board picks /lib.
+        path = ".frozen:./lib" if self.bare else micropython_path(self.board)
+        env = dict(os.environ, MICROPYPATH=path)
         self.process = subprocess.Popen(
             [micropython_executable(), "-X", f"heapsize={self.heapsize}", "-i"],
             stdin=slave, stdout=slave, stderr=slave, cwd=self.flash_dir, env=env, close_fds=True,
@@ -69,6 +90,9 @@ class VirtualBoard:
                         if client is not None:
                             conn.close()  # busy, as a serial port held by another program
                             continue
+                        # The REPL's replies are small and mpremote waits
+                        # for each: Nagle would hold them back.
+                        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                         client = conn
                         selector.register(client, selectors.EVENT_READ, "client")
                     elif key.data == "pty":
@@ -92,11 +116,27 @@ class VirtualBoard:
                             client.close()
                             client = None
                         else:
+                            if b"\x03" in data:
+                                self._interrupt()
                             os.write(self._master, data)
         finally:
             if client is not None:
                 client.close()
             selector.close()
+
+    def _interrupt(self) -> None:
+        # A board's USB serial driver turns Ctrl-C into KeyboardInterrupt
+        # in the running program; that is how mpremote stops a running
+        # firmware. The unix port, running code, reads no input and waits
+        # for SIGINT instead, so the bridge sends it (the byte goes through
+        # too, for the REPL). Only while the VM catches SIGINT: early in its
+        # start-up it is still at the default, which would kill it. Once
+        # per burst, since mpremote may send several.
+        assert self.process is not None
+        now = time.monotonic()
+        if now - self._last_interrupt > 0.3 and _catches_sigint(self.process.pid):
+            self._last_interrupt = now
+            os.kill(self.process.pid, signal.SIGINT)
 
     def stop(self) -> None:
         self._stop.set()

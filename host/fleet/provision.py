@@ -1,0 +1,114 @@
+"""Writing a board's settings.json: WiFi, broker, device id, credentials.
+
+Secrets (the schema marks them "secret": WiFi and MQTT passwords) never
+come from the command line, where `ps` and the shell history would keep
+them: they are read from environment variables or asked for without echo,
+written to a file only its owner can read, and shown as "********".
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .protocol import is_valid_device_id, settings_schema
+from .schema import problem
+
+HIDDEN = "********"
+# Environment variables a secret is read from when no other is named.
+SECRET_ENV = {"wifi_password": "FLEET_WIFI_PASSWORD", "mqtt_password": "FLEET_MQTT_PASSWORD"}
+
+
+class ProvisionError(ValueError):
+    """Settings the board would refuse; args[0] names the field."""
+
+
+def secret_keys() -> list[str]:
+    return [key for key, rule in settings_schema().items() if rule.get("secret")]
+
+
+def build_settings(device_id: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Checked settings for one board: only keys the board knows, each
+    obeying its rule, the required ones present. Defaults are left to the
+    board, so a firmware update can change them."""
+    if not is_valid_device_id(device_id):
+        raise ProvisionError(f"device_id: must match [A-Za-z0-9_-]{{1,32}}, got {device_id!r}")
+    schema = settings_schema()
+    settings: dict[str, Any] = {"device_id": device_id}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key not in schema:
+            raise ProvisionError(f"{key}: unknown setting (known: {', '.join(sorted(schema))})")
+        wrong = problem(schema[key], value)
+        if wrong:
+            raise ProvisionError(f"{key}: {wrong}")
+        settings[key] = value
+    for key, rule in schema.items():
+        if rule.get("required", True) and "default" not in rule and key not in settings:
+            raise ProvisionError(f"{key}: missing (required)")
+    return settings
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """'key=value' typed by the schema: ints, booleans, comma lists."""
+    key, sep, raw = text.partition("=")
+    schema = settings_schema()
+    if not sep or key not in schema:
+        raise ProvisionError(f"{text!r}: expected key=value with a known key (known: {', '.join(sorted(schema))})")
+    if schema[key].get("secret"):
+        raise ProvisionError(f"{key}: a secret is never given on the command line; set {SECRET_ENV.get(key, key)}")
+    kind = schema[key]["type"]
+    if kind == "int":
+        try:
+            return key, int(raw)
+        except ValueError:
+            raise ProvisionError(f"{key}: must be an integer, got {raw!r}")
+    if kind == "bool":
+        if raw.lower() not in ("true", "false"):
+            raise ProvisionError(f"{key}: must be true or false, got {raw!r}")
+        return key, raw.lower() == "true"
+    if kind == "list":
+        return key, [item for item in raw.split(",") if item]
+    return key, raw
+
+
+def read_secrets(
+    environ: Mapping[str, str], ask: Callable[[str], str] | None, names: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Each secret from its environment variable, else from `ask` (a
+    no-echo prompt) when there is one; absent secrets are left out."""
+    found: dict[str, str] = {}
+    for key in secret_keys():
+        variable = (names or {}).get(key) or SECRET_ENV.get(key, "FLEET_" + key.upper())
+        if variable in environ:
+            found[key] = environ[variable]
+        elif ask is not None:
+            answer = ask(f"{key} (empty for none): ")
+            if answer:
+                found[key] = answer
+    return found
+
+
+def redacted(settings: Mapping[str, Any]) -> dict[str, Any]:
+    secrets = set(secret_keys())
+    return {key: (HIDDEN if key in secrets and value else value) for key, value in settings.items()}
+
+
+def write_settings(path: Path, settings: Mapping[str, Any]) -> None:
+    """Written owner-only (0600) from the first byte, then renamed in place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(dict(settings), f, indent=1)
+        f.write("\n")
+    os.replace(partial, path)
+
+
+__all__ = [
+    "HIDDEN", "ProvisionError", "SECRET_ENV", "build_settings", "parse_setting", "read_secrets", "redacted",
+    "secret_keys", "write_settings",
+]
