@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-firmware sim bench flash clean
+.PHONY: setup test test-firmware typecheck sim bench flash clean
 
-setup: $(STAMP) build/micropython-lib/.installed.json
+setup: $(STAMP) build/micropython-lib/.installed.json build/stubs/.installed.json
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,11 +16,19 @@ $(STAMP): pyproject.toml
 build/micropython-lib/.installed.json: tools/micropython-deps.json tools/fetch_micropython_deps.py
 	$(BIN)/python tools/fetch_micropython_deps.py
 
+# Each board's port stubs, in its own folder: the ports' stubs cannot share one.
+build/stubs/.installed.json: tools/firmware-stubs.json tools/typecheck_firmware.py $(STAMP)
+	$(BIN)/python tools/typecheck_firmware.py --install-only
+
 test: setup
 	$(BIN)/python -m pytest
 
 test-firmware: setup
 	$(BIN)/python -m pytest tests/firmware
+
+# The firmware and each profile against its port's stubs (also part of `make test`).
+typecheck: setup
+	$(BIN)/python tools/typecheck_firmware.py
 
 # The whole system on one machine for a bounded time: server, gateway, 3 boards.
 sim: setup

@@ -3,19 +3,22 @@
 #
 # At most once, across redelivery and reboots: a command's id is written to
 # flash (commands.json, replaced atomically) before it runs, with its result
-# once it has one. A command that comes again is not run again: its stored
-# result is sent again, or "failed: interrupted" when the board rebooted
-# while it ran. The file keeps the last KEEP ids.
+# once it has one (a short one; a long one is replaced by a note). A
+# command that comes again is not run again: its stored result is sent
+# again, or "failed: interrupted" when the board rebooted while it ran. The
+# file keeps the last KEEP ids.
 #
 # Adding a command is one function: cmd_<name>(device, args) returning a
 # JSON-able result, raising Rejected for bad arguments or Failed when it
 # could not be done.
+import gc
 import json
 
 from state import write_atomic
 
 COMMANDS_FILE = "commands.json"
 KEEP = 32
+_KEPT_OUTCOME = 96  # characters of JSON
 
 
 class Rejected(Exception):
@@ -84,6 +87,7 @@ class Commands:
         self.log = log
         self.path = path
         self.done = []  # [id, status, result-or-error], oldest first
+        self.current = None  # the id of the command being handled
         try:
             with open(path) as f:
                 self.done = json.load(f)["done"]
@@ -97,6 +101,13 @@ class Commands:
         return None
 
     def _remember(self, command_id, status, outcome):
+        # Only a short outcome is kept for a redelivery to repeat: the full
+        # one went out with the result, and 32 `info` results would hold
+        # kilobytes of heap and rewrite kilobytes of flash per command.
+        if outcome is not None and not isinstance(outcome, (int, float, bool)):
+            text = json.dumps(outcome)
+            if len(text) > _KEPT_OUTCOME:
+                outcome = "(sent; %d bytes, not kept)" % len(text)
         entry = self._find(command_id)
         if entry is None:
             self.done.append([command_id, status, outcome])
@@ -120,6 +131,19 @@ class Commands:
     def receive(self, payload, now_s):
         # now_s: the board's clock in unix seconds, or None before it is set.
         try:
+            self._receive(payload, now_s)
+        except MemoryError:
+            # Out of heap mid-way: say so with a message that needs little,
+            # so the command is never left "delivered" for ever.
+            gc.collect()
+            command_id = self.current
+            self.log("cmd %s: out of memory" % command_id)
+            if command_id is not None:
+                self._send(command_id, "failed", "out of memory on the board")
+
+    def _receive(self, payload, now_s):
+        self.current = None
+        try:
             message = json.loads(payload)
             command_id = message["id"]
             name = message["name"]
@@ -137,6 +161,7 @@ class Commands:
             self.log("cmd: malformed message rejected: %r" % (e,))
             self._send(None, "rejected", "malformed command message: %s" % (e,))
             return
+        self.current = command_id
         seen = self._find(command_id)
         if seen is not None:
             # Redelivered (a lost PUBACK, a reconnect): never run twice.

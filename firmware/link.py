@@ -133,7 +133,10 @@ class Link:
         client.set_callback(self._deliver)
         if self.will:
             client.set_last_will(self.status_topic, self.will, True, 1)
-        simple.socket = self.sockets  # see SocketFactory: bounded connect, TCP_NODELAY
+        # See SocketFactory: bounded connect, TCP_NODELAY. The ESP32 port's
+        # stub of its frozen umqtt.simple leaves out the module's own
+        # `import socket`, which this replaces.
+        simple.socket = self.sockets  # pyright: ignore[reportAttributeAccessIssue]
         self.client = client
         self.sock = None
         self.sockets.last = None

@@ -20,16 +20,17 @@ _POLLOUT = select.POLLOUT
 
 
 class PacketSocket:
-    def __init__(self, timeout_ms, max_read, nodelay=None, out_size=128):
+    def __init__(self, timeout_ms, max_read, nodelay=None, out=None):
         self.sock = socket.socket()
         self.timeout_ms = timeout_ms
         self.max_read = max_read
         self.nodelay = nodelay  # (level, option) from the board profile, or None
         self.poller = select.poll()
-        # Sized once for the largest packet the board usually sends (a
-        # batch), so the heap stays steady after the first connection and a
-        # fragmented heap is asked for this block early, not mid-outage.
-        self.out = bytearray(out_size)
+        # Given by the factory, sized once for the largest packet the board
+        # usually sends (a batch) and kept across connections, so the heap
+        # stays steady and a fragmented heap is asked for this block once,
+        # at boot, not at every reconnect mid-outage.
+        self.out = bytearray(128) if out is None else out
         self.n = 0  # bytes gathered in self.out, not yet sent
         self.blocking = True
         self.first = None  # first byte of a packet, already read by the link
@@ -48,6 +49,13 @@ class PacketSocket:
         s.connect(addr)
         s.setblocking(False)
         self.poller.register(s, _POLLIN)
+
+    def settimeout(self, seconds):
+        # umqtt.simple 1.4 and later (frozen into the ESP32 firmware, where
+        # it is imported before /lib's copy) call this before connect();
+        # None means "no timeout", which a board on a flaky link never wants.
+        if seconds is not None:
+            self.timeout_ms = int(seconds * 1000)
 
     def setblocking(self, flag):
         # umqtt.simple toggles this around check_msg(); the real socket stays
@@ -180,11 +188,13 @@ class SocketFactory:
         self.timeout_ms = timeout_ms
         self.max_read = max_read
         self.nodelay = nodelay
-        self.out_size = out_size
+        self.out = bytearray(out_size)  # one socket at a time: they share it
         self.last = None
 
     def socket(self):
-        self.last = PacketSocket(self.timeout_ms, self.max_read, self.nodelay, self.out_size)
+        if self.last is not None and len(self.last.out) > len(self.out):
+            self.out = self.last.out  # it grew for a bigger packet: keep that
+        self.last = PacketSocket(self.timeout_ms, self.max_read, self.nodelay, self.out)
         return self.last
 
     def getaddrinfo(self, host, port):

@@ -59,7 +59,9 @@ def ssd1306_on_i2c(bus, sda, scl, address=0x3C):
         i2c = I2C(bus, sda=Pin(sda), scl=Pin(scl), freq=400000)
         if address not in i2c.scan():
             return None
-        import ssd1306
+        # A mip dependency of the board profiles, not fetched into build/ for
+        # the type check; ImportError is handled below.
+        import ssd1306  # pyright: ignore[reportMissingImports]
 
         return ssd1306.SSD1306_I2C(128, 64, i2c, address)
     except (ImportError, OSError, ValueError) as e:

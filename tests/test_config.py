@@ -134,7 +134,10 @@ def test_rollback_and_optimistic_concurrency(
     rolled = json.loads(out)
     assert rolled["version"] > second and rolled["config"] == {"display": "first"}
     wait_for(lambda: reported(server, "sim-001", rolled["version"]), "the rollback applied", 15)
-    assert sim.devices["sim-001"].log_text().count("display: first") == 2
+    # Shown again after "second" (whether the board saw "first" the first
+    # time depends on whether its link was up then: it gets only the latest).
+    log = sim.devices["sim-001"].log_text()
+    assert log.rindex("display: first") > log.rindex("display: second")
 
 
 def test_group_and_device_levels_override_the_fleet(

@@ -8,6 +8,7 @@ repeat is a duplicate.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -191,3 +192,45 @@ def test_a_full_budget_drops_the_oldest_counts_them_and_recording_goes_on(
     # And it keeps recording and forwarding afterwards.
     last = seqs[-1]
     wait_for(lambda: seqs_of(stored_readings(server.url, "sim-001"))[-1] > last + 20, "readings after the gap", 15)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the flash size limit mounts a tmpfs, which needs root")
+def test_a_full_flash_enospc_drops_the_oldest_counts_them_and_recording_goes_on(
+    tmp_path: Path, server: NatsServer, gateway: GatewayThread
+) -> None:
+    # A 64 KB flash (a tmpfs on the flash folder): the kernel's ENOSPC comes
+    # long before the log's own budget (256 KB), as on a board whose
+    # filesystem filled up with other files.
+    sim = Simulator(tmp_path / "sim", server.host, server.mqtt_port, settings_defaults=FAST,
+                    fault_injection=True, flash_bytes=64 * 1024)
+    try:
+        sim.add("sim-001", telemetry_interval_ms=10, backlog_budget=256 * 1024, flush_records=8)
+        flash = sim.devices["sim-001"].flash_dir
+        assert os.path.ismount(flash)
+        sim.start("sim-001")
+        wait_for(lambda: stored_readings(server.url, "sim-001"), "first readings", 15)
+        sim.set_link("sim-001", "drop")
+        sim.wait_for_log("sim-001", "link: down", timeout=10)
+
+        def flash_filled_and_freed() -> bool:
+            usage = os.statvfs(flash)
+            return usage.f_bavail * usage.f_frsize < 8 * 1024
+        wait_for(flash_filled_and_freed, "the flash nearly full", 30, every=0.1)
+        cut = time.monotonic()
+        wait_for(lambda: time.monotonic() - cut >= 3, "recording on a full flash for 3 s", 10, every=0.5)
+        assert sim.devices["sim-001"].running
+        sim.set_link("sim-001", "pass")
+        state = wait_for(
+            lambda: (s := gateway.forwarding("sim-001")) and s.dropped > 0 and s.backlog == 0 and s,
+            "the readings lost to the full flash counted, and the rest forwarded", 60,
+        )
+        readings = stored_readings(server.url, "sim-001")
+        assert_exactly_once_in_order(readings)
+        seqs = seqs_of(readings)
+        missing = (seqs[-1] - seqs[0] + 1) - len(seqs)
+        assert 0 < missing <= state.dropped, (missing, state.dropped)
+        assert "Traceback" not in sim.devices["sim-001"].log_text()
+        last = seqs[-1]
+        wait_for(lambda: seqs_of(stored_readings(server.url, "sim-001"))[-1] > last + 20, "readings after the gap", 15)
+    finally:
+        sim.stop_all()

@@ -5,6 +5,7 @@ baseline measured in the same run, and the ratio is what to read.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import subprocess
@@ -273,7 +274,45 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fleet.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("throughput", "memory"), help="run one part (default: both)")
+    parser.add_argument("--soak", type=float, default=600, metavar="SECONDS",
+                        help="the long run that confirms the smallest heap (default: %(default)s)")
+    parser.add_argument("--probe", type=float, default=30, metavar="SECONDS",
+                        help="each short run of the heap bisection (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.only != "memory":
+        throughput()
+    if args.only != "throughput":
+        if args.only is None:
+            print()
+        memory(args.probe, args.soak)
+    return 0
+
+
+def memory(probe_s: float, soak_s: float) -> None:
+    from .memorybench import measure
+
+    print("Heap: the smallest -X heapsize (unix port, 64-bit) that runs the whole firmware from .mpy,")
+    print("every feature busy (see fleet/memorybench.py), beside a bare umqtt.simple loop in the same run")
+    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "server") as server:
+        figures = measure(server, Path(tmp), probe_s, soak_s, lambda line: print(line, flush=True))
+    soak = figures.confirmed
+    if figures.firmware_kb is None or soak is None or not soak.passed:
+        print("  the firmware did not pass at 128 KB: see the lines above")
+        return
+    bare = f"{figures.bare_kb} KB" if figures.bare_kb else "more than 64 KB"
+    print(f"  {'bare umqtt.simple QoS 1 loop, smallest heap':<52}{bare:>10}")
+    print(f"  {'firmware, smallest heap (' + f'{soak_s:.0f} s soak passed)':<52}{figures.firmware_kb:>7} KB"
+          + (f"   ratio {figures.firmware_kb / figures.bare_kb:.1f}" if figures.bare_kb else ""))
+    print(f"  {'  steady use (median, after gc.collect())':<52}{soak.steady_used_kb:>7.1f} KB")
+    print(f"  {'  peak use seen in readings':<52}{soak.peak_used_kb:>7.1f} KB")
+    print(f"  {'  readings / commands / configs / query answers':<52}"
+          f"{soak.readings:>6} / {soak.commands} / {soak.configs} / {soak.queries}")
+
+
+def throughput() -> None:
     with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "server") as server:
         rates = publish_rates(server)
         figures = forwarding(server, Path(tmp))
@@ -301,7 +340,6 @@ def main() -> int:
     print("Live query: every answer from 200 boards (median of 5), against 200 plain NATS responders")
     print(f"  simulated boards (real firmware, MQTT)   {boards_s * 1000:8.1f} ms")
     print(f"  plain NATS responders (nats-py)          {plain_s * 1000:8.1f} ms   ratio {boards_s / plain_s:.1f}")
-    return 0
 
 
 def print_publish_rates(rates: dict[str, float]) -> None:

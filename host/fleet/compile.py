@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .paths import BOARDS_DIR, FIRMWARE_DIR
+from .paths import BOARDS_DIR, FIRMWARE_DIR, MICROPYTHON_LIB_DIR
 
 
 class CompileError(RuntimeError):
@@ -48,4 +48,23 @@ def compile_firmware(board: str, out_dir: Path, arch: str | None = None) -> list
     return written
 
 
-__all__ = ["CompileError", "compile_firmware", "mpy_cross_executable"]
+def compile_libraries(out_dir: Path, lib_dir: Path = MICROPYTHON_LIB_DIR) -> list[Path]:
+    """The fetched micropython-lib modules (umqtt/simple.py, ...) as .mpy in
+    out_dir, packages kept: what `mip install` puts on a board. Compiling
+    them at import time would take heap a board does not spend."""
+    written: list[Path] = []
+    for source in sorted(lib_dir.rglob("*.py")):
+        relative = source.relative_to(lib_dir)
+        target = out_dir / relative.with_suffix(".mpy")
+        if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        command = [str(mpy_cross_executable()), "-o", str(target), "-s", str(relative), str(source)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise CompileError(f"mpy-cross {relative}: {result.stderr.strip()}")
+        written.append(target)
+    return written
+
+
+__all__ = ["CompileError", "compile_firmware", "compile_libraries", "mpy_cross_executable"]

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .faults import LinkMode, LinkProxy, ProxyLoop
-from .compile import compile_firmware
-from .paths import MICROPYTHON_LIB_DIR, FIRMWARE_DIR, micropython_executable, micropython_path
+from .compile import compile_firmware, compile_libraries
+from .paths import FIRMWARE_DIR, micropython_executable, micropython_path
 
 DEFAULT_HEAP = "128k"
 
@@ -61,6 +61,21 @@ class SimDevice:
             return ""
 
 
+def mount_flash(folder: Path, size: int) -> None:
+    """A tmpfs of `size` bytes on `folder` (needs root: CAP_SYS_ADMIN)."""
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
+        capture_output=True, text=True, timeout=30,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"a flash size limit mounts a tmpfs, which needs root: {result.stderr.strip()}")
+
+
+def unmount_flash(folder: Path) -> None:
+    if os.path.ismount(folder):
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
+
+
 @dataclass
 class Simulator:
     """A set of simulated boards sharing one broker."""
@@ -78,6 +93,13 @@ class Simulator:
     # Run the .mpy files mpy-cross makes (what `fleet flash` copies) instead
     # of the sources.
     compiled: bool = False
+    # A size for each device's flash folder, in bytes: a tmpfs of that size
+    # is mounted on it (root only), so a full flash is a real ENOSPC from
+    # the kernel, as LittleFS gives on a board. None: no limit.
+    flash_bytes: int | None = None
+    # Where each board's ticks_ms() starts, as ms before it wraps at 2^30 as
+    # on the boards (boards/sim/time.py); None: the unix port's own ticks.
+    ticks_before_wrap_ms: int | None = None
     devices: dict[str, SimDevice] = field(default_factory=dict)
     proxies: dict[str, LinkProxy] = field(default_factory=dict)
     _proxy_loop: ProxyLoop | None = None
@@ -90,6 +112,8 @@ class Simulator:
         """Create (or reuse) a device's flash folder and write its settings."""
         flash = self.data_dir / "devices" / device_id
         flash.mkdir(parents=True, exist_ok=True)
+        if self.flash_bytes is not None and not os.path.ismount(flash):
+            mount_flash(flash, self.flash_bytes)
         device = self.devices.get(device_id) or SimDevice(device_id, flash, self.data_dir / "logs" / f"{device_id}.log")
         device.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.devices[device_id] = device
@@ -146,13 +170,16 @@ class Simulator:
         if self.compiled:
             compiled = self.data_dir / "mpy"
             compile_firmware(self.board, compiled)
-            env["MICROPYPATH"] = ":".join([".frozen", str(compiled), str(MICROPYTHON_LIB_DIR)])
+            compile_libraries(compiled / "lib")
+            env["MICROPYPATH"] = ":".join([".frozen", str(compiled), str(compiled / "lib")])
         else:
             env["MICROPYPATH"] = micropython_path(self.board, self.firmware_dir)
         env["FLEET_SIM_UNIQUE_ID"] = sim_unique_id(device.device_id)
         env["FLEET_SIM_RESET_CAUSE"] = reset_cause
         if device.reports_as:
             env["FLEET_SIM_BOARD_NAME"] = device.reports_as
+        if self.ticks_before_wrap_ms is not None:
+            env["FLEET_SIM_TICKS_BEFORE_WRAP_MS"] = str(self.ticks_before_wrap_ms)
         return env
 
     def start(self, device_id: str, reset_cause: str = "power_on") -> SimDevice:
@@ -214,6 +241,9 @@ class Simulator:
             self._proxy_loop.close()
             self._proxy_loop = None
             self.proxies.clear()
+        if self.flash_bytes is not None:
+            for device in self.devices.values():
+                unmount_flash(device.flash_dir)
 
     def _signal(self, device_id: str, sig: signal.Signals, wait: bool = True) -> None:
         device = self.devices[device_id]

@@ -96,3 +96,40 @@ def test_the_remembered_ids_are_bounded():
     for i in range(KEEP + 10):
         board.run("c%d" % i, "ping")
     assert len(board.commands.done) == KEEP and board.commands.done[0][0] == "c10"
+
+
+def test_a_long_result_is_sent_whole_but_only_a_note_of_it_is_kept():
+    import commands
+
+    commands.COMMANDS["big"] = lambda device, args: {"text": "x" * 500}
+    try:
+        board = Board()
+        assert board.run("c9", "big")["result"] == {"text": "x" * 500}
+        with open("commands.json") as f:
+            kept = f.read()
+        assert "xxxxx" not in kept and "not kept" in kept
+        again = board.run("c9", "big")  # redelivered: not run again, the note comes back
+        assert again["status"] == "succeeded" and "not kept" in again["result"]
+    finally:
+        del commands.COMMANDS["big"]
+
+
+def test_a_command_that_runs_out_of_heap_is_reported_failed_not_left_delivered():
+    # The heap runs out while the result is being sent (a big result on a
+    # fragmented heap): receive() must still answer, with a small message.
+    board = Board()
+    sent = board.sent
+    failures = []
+
+    def report(payload):
+        message = json.loads(payload)
+        if message["status"] == "succeeded" and not failures:
+            failures.append(message["id"])
+            raise MemoryError("memory allocation failed, allocating 1208 bytes")
+        sent.append(message)
+
+    board.commands.report = report
+    last = board.run("c7", "ping")
+    assert failures == ["c7"]
+    assert last == {"id": "c7", "status": "failed", "error": "out of memory on the board"}, last
+    assert board.run("c8", "ping")["status"] == "succeeded"  # and it goes on

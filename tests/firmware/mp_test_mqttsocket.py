@@ -125,3 +125,13 @@ def test_the_gather_buffer_grows_to_fit_not_to_double():
     sock.flush()
     sock.write(b"y" * 100)
     assert len(sock.out) == 4608 and sock.n == 100  # reused, not shrunk
+
+
+def test_settimeout_from_a_newer_umqtt_keeps_a_bound_on_every_operation():
+    # umqtt.simple >= 1.4 (frozen into the ESP32 port) calls
+    # sock.settimeout(timeout) before connect, with None by default.
+    sock = packet_socket(timeout_ms=1500)
+    sock.settimeout(None)
+    assert sock.timeout_ms == 1500
+    sock.settimeout(2.5)
+    assert sock.timeout_ms == 2500

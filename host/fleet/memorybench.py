@@ -1,0 +1,214 @@
+"""The heap the firmware needs: the smallest `-X heapsize` in which a
+simulated board runs a soak with every feature busy, beside the smallest
+heap a bare umqtt.simple publish loop needs, found the same way in the
+same run.
+
+A soak at one heap size passes when, for its whole length, the board:
+records a reading every 200 ms and forwards them (exactly once, so the
+gateway is running); has its link cut for a few seconds every 30 s, so a
+backlog builds up and is sent again; gets a configuration change every 5 s
+and reports it applied; runs a command every 2 s (info, display, blink,
+ping; each must succeed); answers a live query every 3 s; and never logs a
+MemoryError, an out-of-memory, or a task restart. The smallest passing size
+is found by bisection with short soaks, then confirmed with a long one.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .background import BackgroundGateway
+from .cmdcli import send
+from .configcli import get_config, set_config
+from .natsconn import connect
+from .compile import compile_libraries
+from .paths import BUILD_DIR, REPO, micropython_executable
+from .query import scatter
+from .server import NatsServer
+from .simulator import Simulator
+from .tail import stored
+
+BENCH_DIR = REPO / "tools" / "bench"
+# Signs in a board's log that the heap was too small for it.
+TROUBLE = ("MemoryError", "out of memory", "restarting in", "firmware error")
+
+
+@dataclass
+class Soak:
+    heap_kb: int
+    seconds: float
+    passed: bool = False
+    why: str = ""
+    readings: int = 0
+    commands: int = 0
+    configs: int = 0
+    queries: int = 0
+    heap_free: list[int] = field(default_factory=list)  # as the board reported it, after gc.collect()
+
+    @property
+    def steady_used_kb(self) -> float:
+        # Heap in use after a collection, at the median reading: what the
+        # firmware holds, garbage excluded.
+        if not self.heap_free:
+            return float("nan")
+        free = sorted(self.heap_free)[len(self.heap_free) // 2]
+        return (self.heap_kb * 1024 - free) / 1024
+
+    @property
+    def peak_used_kb(self) -> float:
+        if not self.heap_free:
+            return float("nan")
+        return (self.heap_kb * 1024 - min(self.heap_free)) / 1024
+
+
+async def _workload(nats_url: str, device: str, soak: Soak, sim: Simulator, deadline: float) -> None:
+    nc = await connect(nats_url, name="memory-bench")
+    try:
+        tick = 0
+        commands = [("info", {}), ("display", {"text": "heap test"}), ("blink", {"times": 2}), ("ping", {})]
+        while time.monotonic() < deadline:
+            if not sim.devices[device].running:
+                soak.why = "the board's process died"
+                return
+            if tick % 10 == 0:
+                interval = 200 if tick % 20 else 250
+                await set_config(nats_url, f"device.{device}", [f"telemetry_interval_ms={interval}", f"display=cfg {tick}",
+                                                                f"led={'true' if tick % 20 else 'false'}"], None)
+                soak.configs += 1
+            if tick % 4 == 0:
+                name, args = commands[(tick // 4) % len(commands)]
+                records = await send(nats_url, name, args, device=device, wait=15)
+                if records[0].state != "succeeded" and sim.devices[device].running:
+                    # A command sent while the link is cut waits for it: only a failure counts.
+                    if records[0].state in ("failed", "rejected"):
+                        soak.why = f"command {name} {records[0].state}: {records[0].error}"
+                        return
+                soak.commands += 1
+            if tick % 6 == 0:
+                outcome = await scatter(nc, ["==", "id", device], ["heap_free"], timeout=2.0)
+                soak.queries += len(outcome.matches)
+            if tick % 60 == 30:
+                sim.set_link(device, "drop")
+            if tick % 60 == 38:
+                sim.set_link(device, "pass")
+            tick += 1
+            await asyncio.sleep(0.5)
+        settle = time.monotonic() + 20  # the last change may have gone out just now
+        view = await get_config(nats_url, device)
+        while not view.in_sync and time.monotonic() < settle:
+            await asyncio.sleep(0.5)
+            view = await get_config(nats_url, device)
+        if not view.in_sync:
+            soak.why = f"configuration {view.desired.version} not applied: {view.reported}"
+    finally:
+        await nc.close()
+
+
+def soak_firmware(server: NatsServer, data_dir: Path, heap_kb: int, seconds: float) -> Soak:
+    soak = Soak(heap_kb, seconds)
+    device = "heap-1"
+    sim = Simulator(data_dir / f"soak-{heap_kb}k-{int(seconds)}", server.host, server.mqtt_port,
+                    heap=f"{heap_kb}k", fault_injection=True, compiled=True)
+    try:
+        sim.add(device, telemetry_interval_ms=200)
+        sim.start(device)
+        online = time.monotonic() + 20
+        while not sim.devices[device].log_text().count("link: up") and time.monotonic() < online:
+            time.sleep(0.2)
+        asyncio.run(_workload(server.url, device, soak, sim, time.monotonic() + seconds))
+        log = sim.devices[device].log_text()
+        trouble = next((sign for sign in TROUBLE if sign in log), None)
+        readings = asyncio.run(stored(server.url, device))
+        soak.readings = len(readings)
+        soak.heap_free = [
+            r.payload["heap_free"] for r in readings
+            if isinstance(r.payload, dict) and isinstance(r.payload.get("heap_free"), int)
+        ]
+        expected = seconds / 0.25 * 0.6  # at the slower of the two intervals, most of it through cuts
+        if not soak.why and trouble:
+            soak.why = f"the log says {trouble!r}"
+        if not soak.why and not sim.devices[device].running:
+            soak.why = "the board's process died"
+        if not soak.why and soak.readings < expected:
+            soak.why = f"only {soak.readings} readings stored, expected {expected:.0f}+"
+        soak.passed = not soak.why
+    finally:
+        sim.stop_all()
+    return soak
+
+
+def bare_loop(server: NatsServer, heap_kb: int, seconds: float) -> tuple[bool, str]:
+    """umqtt.simple alone, publishing QoS 1 readings for `seconds`."""
+    # umqtt.simple from .mpy, as mip installs it and as the firmware runs.
+    compiled = BUILD_DIR / "bench-lib"
+    compile_libraries(compiled)
+    env = dict(os.environ, MICROPYPATH=f".frozen:{compiled}:{BENCH_DIR}")
+    try:
+        result = subprocess.run(
+            [micropython_executable(), "-X", f"heapsize={heap_kb}k", str(BENCH_DIR / "bare_publish.py"),
+             server.host, str(server.mqtt_port), str(int(seconds * 1000))],
+            env=env, capture_output=True, text=True, timeout=seconds + 60,
+        )
+    except subprocess.TimeoutExpired:
+        return False, "timed out"
+    if result.returncode == 0 and "RESULT" in result.stdout:
+        return True, ""
+    said = (result.stdout + result.stderr).strip().splitlines()
+    return False, said[-1] if said else f"exit {result.returncode}"
+
+
+def smallest(passes: Callable[[int], bool], low_kb: int, high_kb: int, step_kb: int = 4) -> int | None:
+    """The smallest heap in [low, high] (a multiple of step) for which
+    `passes` holds, assuming more heap never hurts; None if high fails."""
+    if not passes(high_kb):
+        return None
+    while high_kb - low_kb > step_kb:
+        middle = (low_kb + high_kb) // 2 // step_kb * step_kb
+        if passes(middle):
+            high_kb = middle
+        else:
+            low_kb = middle
+    return high_kb
+
+
+@dataclass
+class MemoryFigures:
+    firmware_kb: int | None
+    bare_kb: int | None
+    confirmed: Soak | None
+    tried: list[Soak]
+
+
+def measure(server: NatsServer, data_dir: Path, probe_s: float, soak_s: float, log: Callable[[str], None]) -> MemoryFigures:
+    tried: list[Soak] = []
+
+    def firmware_passes(heap_kb: int) -> bool:
+        soak = soak_firmware(server, data_dir, heap_kb, probe_s)
+        tried.append(soak)
+        log(f"  firmware at {heap_kb:>3} KB for {probe_s:.0f} s: {'ok' if soak.passed else soak.why}")
+        return soak.passed
+
+    def bare_passes(heap_kb: int) -> bool:
+        ok, why = bare_loop(server, heap_kb, min(probe_s, 20))
+        log(f"  bare umqtt.simple at {heap_kb:>3} KB: {'ok' if ok else why}")
+        return ok
+
+    with BackgroundGateway(server.url, mqtt=(server.host, server.mqtt_port)):
+        firmware_kb = smallest(firmware_passes, 16, 128)
+        confirmed = None
+        while firmware_kb is not None and firmware_kb <= 128:
+            confirmed = soak_firmware(server, data_dir, firmware_kb, soak_s)
+            log(f"  firmware at {firmware_kb:>3} KB for {soak_s:.0f} s: {'ok' if confirmed.passed else confirmed.why}")
+            if confirmed.passed:
+                break
+            firmware_kb += 4  # the short probe was lucky: the long soak decides
+        bare_kb = smallest(bare_passes, 4, 64, step_kb=2)
+    return MemoryFigures(firmware_kb, bare_kb, confirmed, tried)
+
+
+__all__ = ["MemoryFigures", "Soak", "bare_loop", "measure", "smallest", "soak_firmware"]
