@@ -6,7 +6,6 @@ code the VM test across the wrap cannot run (tests/firmware/mp_test_ticks_wrap.p
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 from fleet.paths import BOARDS_DIR, FIRMWARE_DIR
 
