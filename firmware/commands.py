@@ -14,7 +14,7 @@
 import gc
 import json
 
-from state import write_atomic
+from state import dump_atomic
 
 COMMANDS_FILE = "commands.json"
 KEEP = 32
@@ -114,7 +114,7 @@ class Commands:
             del self.done[:-KEEP]
         else:
             entry[1], entry[2] = status, outcome
-        write_atomic(self.path, json.dumps({"done": self.done}))
+        dump_atomic(self.path, {"done": self.done})
 
     def reject(self, error):
         # A message that could not even be read (too large for the heap).

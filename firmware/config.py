@@ -10,7 +10,7 @@
 import json
 
 from settings import check
-from state import write_atomic
+from state import dump_atomic
 
 CONFIG_FILE = "config.json"
 
@@ -82,7 +82,7 @@ class Config:
         self.version = version
         self.values = values
         try:
-            write_atomic(self.path, json.dumps({"version": version, "config": values}))
+            dump_atomic(self.path, {"version": version, "config": values})
         except OSError as e:  # in force now, but not after a reboot: say so
             self.log("config: version %d applied but not saved: %s" % (version, e))
             self._report(version, "applied", "not saved on flash: %s" % (e,))

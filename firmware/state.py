@@ -21,6 +21,15 @@ def write_atomic(path, data):
     os.rename(tmp, path)
 
 
+def dump_atomic(path, value):
+    # write_atomic for a JSON value, streamed into the file by json.dump:
+    # never the whole text in the heap at once.
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+    os.rename(tmp, path)
+
+
 class DeviceState:
     def __init__(self, path=STATE_FILE):
         self.path = path
