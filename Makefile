@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup test test-firmware typecheck sim bench flash clean
 
-setup: $(STAMP) build/micropython-lib/.installed.json build/stubs/.installed.json
+setup: $(STAMP) build/micropython-lib/.installed.json build/stubs/.installed.json build/ticks_offset.so
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ build/micropython-lib/.installed.json: tools/micropython-deps.json tools/fetch_m
 # Each board's port stubs, in its own folder: the ports' stubs cannot share one.
 build/stubs/.installed.json: tools/firmware-stubs.json tools/typecheck_firmware.py $(STAMP)
 	$(BIN)/python tools/typecheck_firmware.py --install-only
+
+# The simulator's tick-counter shim (LD_PRELOAD): a board whose ticks wrap soon.
+build/ticks_offset.so: tools/ticks_offset.c
+	mkdir -p build
+	$(CC) -shared -fPIC -O2 -o $@ $< -ldl
 
 test: setup
 	$(BIN)/python -m pytest

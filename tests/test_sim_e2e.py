@@ -2,6 +2,7 @@
 nats-server's MQTT listener."""
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -291,3 +292,44 @@ def test_a_safe_file_keeps_the_firmware_from_starting(sim: Simulator) -> None:
     (device.flash_dir / "SAFE").unlink()
     sim.start("sim-001")
     sim.wait_for_log("sim-001", "link: up")
+
+
+def test_a_board_whose_tick_counter_wraps_keeps_its_link_and_its_schedule(
+    tmp_path: Path, server: NatsServer, gateway: GatewayThread
+) -> None:
+    # The VM's ticks start 8 s before they wrap (at 2^62 ms in the 64-bit
+    # unix port; 2^30 ms, about 12 days, on a board): keepalive pings,
+    # socket deadlines, the telemetry schedule, flush timers and asyncio's
+    # own task queue all cross the wrap while the board is online.
+    import subprocess
+
+    from fleet.paths import TICKS_SHIM, micropython_executable
+
+    probe = subprocess.run(
+        [micropython_executable(), "-c", "import time; print(time.ticks_ms(), time.ticks_add(0, -1))"],
+        env={**os.environ, "LD_PRELOAD": str(TICKS_SHIM), "FLEET_SIM_TICKS_BEFORE_WRAP_MS": "5000"},
+        capture_output=True, text=True, timeout=30,
+    )
+    ticks, period_minus_one = map(int, probe.stdout.split())
+    assert 0 < period_minus_one - ticks <= 5000, probe.stdout  # the shim really puts it near the wrap
+
+    sim = Simulator(tmp_path / "sim", server.host, server.mqtt_port, settings_defaults=FAST, ticks_before_wrap_ms=8000)
+    try:
+        sim.add("sim-001", telemetry_interval_ms=100)
+        sim.start("sim-001")
+        started = time.monotonic()
+        wait_for(lambda: stored_readings(server.url, "sim-001"), "first readings", 15)
+        # Well past the wrap: readings keep coming, in order, exactly once.
+        wait_for(lambda: time.monotonic() - started > 14, "the wrap, and some time after it", 20, every=0.5)
+        before = len(stored_readings(server.url, "sim-001"))
+        wait_for(lambda: len(stored_readings(server.url, "sim-001")) >= before + 20, "readings after the wrap", 15)
+        readings = stored_readings(server.url, "sim-001")
+        seqs = [r.payload["seq"] for r in readings]  # type: ignore[index]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        uptimes = [r.payload["uptime_s"] for r in readings]  # type: ignore[index]
+        assert uptimes == sorted(uptimes) and 0 <= uptimes[0] and uptimes[-1] >= 14
+        log = sim.devices["sim-001"].log_text()
+        assert "link: down" not in log and "restarting" not in log, log[-2000:]
+        assert sim.devices["sim-001"].running
+    finally:
+        sim.stop_all()

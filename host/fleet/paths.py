@@ -12,6 +12,8 @@ BOARDS_DIR = REPO / "boards"
 BUILD_DIR = REPO / "build"
 MICROPYTHON_LIB_DIR = BUILD_DIR / "micropython-lib"
 PROTOCOL_FILE = FIRMWARE_DIR / "protocol.json"
+# LD_PRELOAD shim that starts a VM's tick counter just before it wraps (tools/ticks_offset.c).
+TICKS_SHIM = BUILD_DIR / "ticks_offset.so"
 
 
 def _venv_tool(name: str) -> str | None:

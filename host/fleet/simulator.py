@@ -21,7 +21,7 @@ from typing import Any
 
 from .faults import LinkMode, LinkProxy, ProxyLoop
 from .compile import compile_firmware, compile_libraries
-from .paths import FIRMWARE_DIR, micropython_executable, micropython_path
+from .paths import FIRMWARE_DIR, TICKS_SHIM, micropython_executable, micropython_path
 
 DEFAULT_HEAP = "128k"
 
@@ -97,8 +97,10 @@ class Simulator:
     # is mounted on it (root only), so a full flash is a real ENOSPC from
     # the kernel, as LittleFS gives on a board. None: no limit.
     flash_bytes: int | None = None
-    # Where each board's ticks_ms() starts, as ms before it wraps at 2^30 as
-    # on the boards (boards/sim/time.py); None: the unix port's own ticks.
+    # Start each board's tick counter this many ms before it wraps (at 2^62
+    # in the 64-bit unix port), through an LD_PRELOAD shim that moves the
+    # VM's CLOCK_MONOTONIC (tools/ticks_offset.c, built by `make setup`).
+    # None: the port's own ticks.
     ticks_before_wrap_ms: int | None = None
     devices: dict[str, SimDevice] = field(default_factory=dict)
     proxies: dict[str, LinkProxy] = field(default_factory=dict)
@@ -179,6 +181,9 @@ class Simulator:
         if device.reports_as:
             env["FLEET_SIM_BOARD_NAME"] = device.reports_as
         if self.ticks_before_wrap_ms is not None:
+            if not TICKS_SHIM.exists():
+                raise RuntimeError(f"{TICKS_SHIM} is missing: run `make setup` (it needs a C compiler)")
+            env["LD_PRELOAD"] = str(TICKS_SHIM)
             env["FLEET_SIM_TICKS_BEFORE_WRAP_MS"] = str(self.ticks_before_wrap_ms)
         return env
 
