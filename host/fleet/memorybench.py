@@ -112,7 +112,8 @@ async def _workload(nats_url: str, device: str, soak: Soak, sim: Simulator, dead
 
 def soak_firmware(server: NatsServer, data_dir: Path, heap_kb: int, seconds: float) -> Soak:
     soak = Soak(heap_kb, seconds)
-    device = "heap-1"
+    # One device id per soak: the readings of every soak share the server.
+    device = f"heap-{heap_kb}k-{int(seconds)}s"
     sim = Simulator(data_dir / f"soak-{heap_kb}k-{int(seconds)}", server.host, server.mqtt_port,
                     heap=f"{heap_kb}k", fault_injection=True, compiled=True)
     try:
@@ -188,7 +189,13 @@ class MemoryFigures:
     tried: list[Soak]
 
 
-def measure(server: NatsServer, data_dir: Path, probe_s: float, soak_s: float, log: Callable[[str], None]) -> MemoryFigures:
+def measure(
+    server: NatsServer, data_dir: Path, probe_s: float, soak_s: float, log: Callable[[str], None],
+    heap_kb: int | None = None,
+) -> MemoryFigures:
+    """The smallest heap by bisection, confirmed by a soak; with heap_kb,
+    only the soak at that size (the bisection's probes are short and the
+    long soak is what decides)."""
     tried: list[Soak] = []
 
     def firmware_passes(heap_kb: int) -> bool:
@@ -203,9 +210,9 @@ def measure(server: NatsServer, data_dir: Path, probe_s: float, soak_s: float, l
         return ok
 
     with BackgroundGateway(server.url, mqtt=(server.host, server.mqtt_port)):
-        firmware_kb = smallest(firmware_passes, 16, 128)
+        firmware_kb = heap_kb if heap_kb is not None else smallest(firmware_passes, 16, 128)
         confirmed = None
-        while firmware_kb is not None and firmware_kb <= 128:
+        while firmware_kb is not None and firmware_kb <= (heap_kb or 128):
             confirmed = soak_firmware(server, data_dir, firmware_kb, soak_s)
             log(f"  firmware at {firmware_kb:>3} KB for {soak_s:.0f} s: {'ok' if confirmed.passed else confirmed.why}")
             if confirmed.passed:
