@@ -29,7 +29,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from .jetstream import ensure_bucket, quietly
+from .jetstream import bucket_keys, ensure_bucket, quietly
 from .protocol import COMMANDS_BUCKET, COMMAND_RESULTS_STREAM, is_valid_device_id, mqtt_topic, nats_subject
 
 log = logging.getLogger(__name__)
@@ -149,10 +149,7 @@ class CommandStore:
         raise RuntimeError(f"command {command_id}: too many concurrent writes")
 
     async def all(self) -> list[CommandRecord]:
-        try:
-            keys = await self.kv.keys()
-        except Exception:  # nats-py raises when there are none
-            return []
+        keys = await bucket_keys(self.kv)
         records = []
         for key in keys:
             try:

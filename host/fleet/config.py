@@ -17,14 +17,16 @@ across the bucket, so any change (a rollback included) gives a new version.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from .jetstream import ensure_bucket
+from .jetstream import ensure_bucket, key_history
 from .protocol import CONFIG_BUCKET, is_valid_device_id, protocol
 from .schema import problem
 
@@ -204,14 +206,10 @@ class ConfigStore:
         raise ConfigError(f"{describe_level(key)}: too many concurrent writes")
 
     async def history(self, key: str) -> list[Level]:
-        try:
-            entries = await self.kv.history(key)
-        except (KeyNotFoundError, NoKeysError):
-            return []
         return [
-            Level(key, _decode(entry.value), entry.revision or 0, _entry_time(entry))
-            for entry in entries
-            if entry.operation is None  # puts only; deletes and purges have no config
+            Level(key, _decode(message.data), message.seq or 0, _message_time(message.time))
+            for message in await key_history(self.kv, key)
+            if not (message.headers or {}).get("KV-Operation")  # puts only: deletes and purges have no config
         ]
 
     async def rollback(self, key: str, version: int, if_version: int | None = None) -> Level:
@@ -224,9 +222,18 @@ class ConfigStore:
         return await self.set(key, {**removals, **old.values}, if_version=if_version)
 
 
-def _entry_time(entry: Any) -> float | None:
-    created = getattr(entry, "created", None)  # the JetStream timestamp of the revision
-    return created.timestamp() if created is not None else None
+def _message_time(stamp: Any) -> float | None:
+    """The JetStream timestamp of a revision ("2026-11-26T12:00:01.123456789Z"), in unix seconds."""
+    if isinstance(stamp, datetime):
+        return stamp.timestamp()
+    if not isinstance(stamp, str):
+        return None
+    found = re.fullmatch(r"(.*?T\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)", stamp)
+    if not found:
+        return None
+    fraction = (found.group(2) or ".0")[:7]  # datetime takes microseconds, JetStream gives nanoseconds
+    zone = "+00:00" if found.group(3) == "Z" else found.group(3)
+    return datetime.fromisoformat(found.group(1) + fraction + zone).timestamp()
 
 
 __all__ = [

@@ -41,7 +41,7 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
-from .jetstream import ensure_bucket, quietly
+from .jetstream import bucket_keys, ensure_bucket, quietly
 from .protocol import BATCH_STREAM, FORWARDING_BUCKET, LEASE_BUCKET, nats_subject
 from .wire import ForwardingState, MalformedPayload, ReadingBatch
 
@@ -142,11 +142,7 @@ class BatchSplitter:
         """Every device's forwarding state, by device id."""
         assert self._state is not None
         found: dict[str, ForwardingState] = {}
-        try:
-            keys = await self._state.keys()
-        except Exception:  # nats-py raises when the bucket has no keys yet
-            return found
-        for key in keys:
+        for key in await bucket_keys(self._state):
             state = await self.state(key)
             if state is not None:
                 found[key] = state

@@ -42,7 +42,7 @@ from .commands import CommandRelay, results_stream_config
 from .configpush import ConfigPublisher, reports_stream_config
 from .forwarding import BatchSplitter, SplitterConfig
 from .configcli import config_view
-from .jetstream import ensure_bucket, quietly
+from .jetstream import bucket_keys, ensure_bucket, quietly
 from .natsconn import connect
 from .query import check_fields, parse_filter, scatter
 from .protocol import (
@@ -489,19 +489,14 @@ class Gateway:
         """Every record in the registry, sorted by device id."""
         assert self._kv is not None
         records: list[DeviceRecord] = []
-        watcher = await self._kv.watchall(ignore_deletes=True)
-        try:
-            while True:
-                # The watcher sends None once it has delivered every key.
-                entry = await watcher.updates(timeout=_LIST_TIMEOUT)
-                if entry is None:
-                    break
-                try:
-                    records.append(DeviceRecord.from_json(entry.value or b""))
-                except ValueError as error:
-                    log.warning("registry key %s is not a device record: %s", entry.key, error)
-        finally:
-            await watcher.stop()
+        for key in await asyncio.wait_for(bucket_keys(self._kv), _LIST_TIMEOUT):
+            try:
+                entry = await self._kv.get(key)
+                records.append(DeviceRecord.from_json(entry.value or b""))
+            except KeyNotFoundError:
+                continue  # deleted meanwhile
+            except ValueError as error:
+                log.warning("registry key %s is not a device record: %s", key, error)
         return sorted(records, key=lambda record: record.id)
 
     async def _handle_devices(self, request: Request) -> None:

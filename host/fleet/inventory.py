@@ -12,9 +12,10 @@ from collections.abc import Sequence
 import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
+from .jetstream import bucket_keys
 from .natsconn import connect
 from .protocol import DEVICES_BUCKET, api_subject
 from .wire import DeviceRecord
@@ -127,9 +128,9 @@ async def registry_records(js: JetStreamContext) -> list[DeviceRecord]:
     empty when there is no registry yet."""
     try:
         registry = await js.key_value(DEVICES_BUCKET)
-        keys = await registry.keys()
-    except Exception:  # no registry yet, or no keys in it (nats-py raises for both)
+    except BucketNotFoundError:  # no registry yet
         return []
+    keys = await bucket_keys(registry)
     records = []
     for key in keys:
         try:

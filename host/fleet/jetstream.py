@@ -1,13 +1,13 @@
 """JetStream helpers every part of the host shares: get-or-create a KV
-bucket (safe when several instances race), and acks that must not abort
-the rest of a batch."""
+bucket (safe when several instances race), listing a bucket's keys
+reliably, and acks that must not abort the rest of a batch."""
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable
 
 from nats.js import JetStreamContext, api
-from nats.js.errors import APIError, BucketNotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,41 @@ async def ensure_bucket(
         return await js.key_value(name)
 
 
+async def bucket_keys(kv: KeyValue) -> list[str]:
+    """Every key in a KV bucket (deleted ones too: their get() raises
+    KeyNotFoundError), sorted.
+
+    Read from the bucket's stream subjects in one request, not with
+    KeyValue.keys(): its watcher can signal the end of the initial replay
+    before the replay has arrived (nats.py issue #842), and a listing then
+    comes back empty although the keys exist; that made a test flaky under
+    load. The stream's name and subject prefix are the bucket's own (nats-py
+    keeps them on the KeyValue, pinned in pyproject.toml)."""
+    prefix: str = kv._pre
+    try:
+        info = await kv._js.stream_info(kv._stream, subjects_filter=prefix + ">")
+    except NotFoundError:
+        return []
+    return sorted(subject[len(prefix):] for subject in (info.state.subjects or {}))
+
+
+async def key_history(kv: KeyValue, key: str) -> list[api.RawStreamMsg]:
+    """Every stored revision of one key, oldest first, read message by
+    message from the bucket's stream (see bucket_keys for why not
+    KeyValue.history()). A deleted or purged revision carries the header
+    KV-Operation."""
+    subject = kv._pre + key
+    found: list[api.RawStreamMsg] = []
+    seq = 1
+    while True:
+        try:
+            message = await kv._js.get_msg(kv._stream, seq, subject=subject, next=True)
+        except NotFoundError:
+            return found
+        found.append(message)
+        seq = (message.seq or seq) + 1
+
+
 async def quietly(ack: Awaitable[None]) -> None:
     """Send an ack, nak or term; one that cannot be sent (connection lost)
     means redelivery later, which every consumer here tolerates, and must
@@ -40,4 +75,4 @@ async def quietly(ack: Awaitable[None]) -> None:
         log.debug("ack not sent: %s", error)
 
 
-__all__ = ["ensure_bucket", "quietly"]
+__all__ = ["bucket_keys", "ensure_bucket", "key_history", "quietly"]
