@@ -192,8 +192,6 @@ class SocketFactory:
         self.last = None
 
     def socket(self):
-        if self.last is not None and len(self.last.out) > len(self.out):
-            self.out = self.last.out  # it grew for a bigger packet: keep that
         self.last = PacketSocket(self.timeout_ms, self.max_read, self.nodelay, self.out)
         return self.last
 

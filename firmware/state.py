@@ -12,22 +12,24 @@ STATE_FILE = "state.json"
 _SEQ_BLOCK = const(64)
 
 
-def write_atomic(path, data):
-    # Text or bytes. LittleFS makes the rename atomic: a reader (or a boot
-    # after a power cut) sees the old file or the new one, never half.
+def _replace(path, mode, write):
+    # LittleFS makes the rename atomic: a reader (or a boot after a power
+    # cut) sees the old file or the new one, never half.
     tmp = path + ".tmp"
-    with open(tmp, "wb" if isinstance(data, (bytes, bytearray)) else "w") as f:
-        f.write(data)
+    with open(tmp, mode) as f:
+        write(f)
     os.rename(tmp, path)
+
+
+def write_atomic(path, data):
+    # Text or bytes.
+    _replace(path, "wb" if isinstance(data, (bytes, bytearray)) else "w", lambda f: f.write(data))
 
 
 def dump_atomic(path, value):
-    # write_atomic for a JSON value, streamed into the file by json.dump:
-    # never the whole text in the heap at once.
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f)
-    os.rename(tmp, path)
+    # A JSON value, streamed into the file by json.dump: never the whole
+    # text in the heap at once.
+    _replace(path, "w", lambda f: json.dump(value, f))
 
 
 class DeviceState:
