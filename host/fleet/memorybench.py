@@ -28,13 +28,12 @@ from .cmdcli import send
 from .configcli import get_config, set_config
 from .natsconn import connect
 from .compile import compile_libraries
-from .paths import BUILD_DIR, REPO, micropython_executable
+from .paths import BENCH_DIR, BUILD_DIR, micropython_executable
 from .query import scatter
 from .server import NatsServer
 from .simulator import Simulator
 from .tail import stored
 
-BENCH_DIR = REPO / "tools" / "bench"
 # Signs in a board's log that the heap was too small for it.
 TROUBLE = ("MemoryError", "out of memory", "restarting in", "firmware error")
 

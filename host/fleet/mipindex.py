@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .compile import mpy_cross_executable
+from .compile import compile_libraries
 from .paths import BUILD_DIR, MICROPYTHON_LIB_DIR, REPO
 
 PINS_FILE = REPO / "tools" / "micropython-deps.json"
@@ -64,15 +63,12 @@ class MipIndex:
             hashes = [[module, self._add(path.read_bytes())] for module, path in sources]
             self.manifests[("py", name)] = self._manifest(pin, hashes)
             if self.mpy_version is not None:
-                compiled = []
-                for module, path in sources:
-                    target = BUILD_DIR / "mip-index" / str(self.mpy_version) / (module[:-3] + ".mpy")
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    subprocess.run(
-                        [str(mpy_cross_executable()), "-o", str(target), "-s", module, str(path)],
-                        check=True, capture_output=True, timeout=60,
-                    )
-                    compiled.append([module[:-3] + ".mpy", self._add(target.read_bytes())])
+                compiled_dir = BUILD_DIR / "mip-index" / str(self.mpy_version)
+                compile_libraries(compiled_dir, self.lib_dir)
+                compiled = [
+                    [module[:-3] + ".mpy", self._add((compiled_dir / (module[:-3] + ".mpy")).read_bytes())]
+                    for module, _ in sources
+                ]
                 self.manifests[(str(self.mpy_version), name)] = self._manifest(pin, compiled)
 
     @staticmethod

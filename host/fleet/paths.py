@@ -14,6 +14,8 @@ MICROPYTHON_LIB_DIR = BUILD_DIR / "micropython-lib"
 PROTOCOL_FILE = FIRMWARE_DIR / "protocol.json"
 # LD_PRELOAD shim that starts a VM's tick counter just before it wraps (tools/ticks_offset.c).
 TICKS_SHIM = BUILD_DIR / "ticks_offset.so"
+# MicroPython scripts the benchmarks run.
+BENCH_DIR = REPO / "tools" / "bench"
 
 
 def _venv_tool(name: str) -> str | None:
