@@ -28,7 +28,7 @@ from nats.js.kv import KeyValue
 
 from .jetstream import ensure_bucket, key_history
 from .protocol import CONFIG_BUCKET, is_valid_device_id, protocol
-from .schema import problem
+from .schema import parse_value, problem
 
 CONFIG_HISTORY = 64
 
@@ -67,23 +67,10 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(schema))})")
     if raw == "":
         return key, None
-    kind = schema[key]["type"]
-    value: Any
-    if kind == "int":
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(f"{key}: must be an integer, got {raw!r}") from None
-    elif kind == "bool":
-        lowered = raw.lower()
-        if lowered in ("true", "on", "yes", "1"):
-            value = True
-        elif lowered in ("false", "off", "no", "0"):
-            value = False
-        else:
-            raise ConfigError(f"{key}: must be true or false, got {raw!r}")
-    else:
-        value = raw
+    try:
+        value = parse_value(schema[key], raw)
+    except ValueError as error:
+        raise ConfigError(f"{key}: {error}") from None
     check_value(key, value)
     return key, value
 

@@ -33,8 +33,8 @@ from typing import Any
 
 from .compile import compile_firmware, mpy_cross_executable
 from .paths import BOARDS_DIR, BUILD_DIR, FIRMWARE_DIR
-from .protocol import protocol, settings_schema
-from .schema import problem
+from .protocol import protocol
+from .provision import ProvisionError, check_settings
 
 BOARDS = ("pico_w", "esp32", "sim")
 VIRTUAL = "sim"  # the board whose target is a virtual board: no reset, no watchdog
@@ -203,23 +203,17 @@ def packages_for(board: str) -> list[str]:
 def check_settings_file(path: Path) -> bytes:
     """The settings file's bytes, once they pass the board's own checks."""
     try:
-        raw = json.loads(path.read_text())
+        data = path.read_bytes()
+        raw = json.loads(data)
     except (OSError, ValueError) as e:
         raise FlashError(f"{path}: not a readable JSON file ({e})")
     if not isinstance(raw, dict):
         raise FlashError(f"{path}: must hold a JSON object")
-    schema = settings_schema()
-    for key, value in raw.items():
-        if key not in schema:
-            raise FlashError(f"{path}: {key}: unknown setting")
-        if value is not None:
-            wrong = problem(schema[key], value)
-            if wrong:
-                raise FlashError(f"{path}: {key}: {wrong}")
-    for key, rule in schema.items():
-        if rule.get("required", True) and "default" not in rule and raw.get(key) is None:
-            raise FlashError(f"{path}: {key}: missing (required)")
-    return path.read_bytes()
+    try:
+        check_settings(raw)
+    except ProvisionError as error:
+        raise FlashError(f"{path}: {error}") from None
+    return data
 
 
 def _reset(mp: Mpremote) -> None:
@@ -285,7 +279,7 @@ def flash(
         if info.hashes.get(name) == _sha256(wanted[name]):
             report.unchanged.append(name)
             continue
-        source = staged_dir / name if name != "settings.json" or settings is None else settings
+        source = settings if name == "settings.json" and settings else staged_dir / name
         steps += ["cp", str(source), f":{name}", "+"]
         report.copied.append(name)
         progress(f"copy {name} ({len(wanted[name]):,} bytes)")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .protocol import is_valid_device_id, settings_schema
-from .schema import problem
+from .schema import parse_value, problem
 
 HIDDEN = "********"
 # Environment variables a secret is read from when no other is named.
@@ -29,14 +29,13 @@ def secret_keys() -> list[str]:
     return [key for key, rule in settings_schema().items() if rule.get("secret")]
 
 
-def build_settings(device_id: str, values: Mapping[str, Any]) -> dict[str, Any]:
-    """Checked settings for one board: only keys the board knows, each
-    obeying its rule, the required ones present. Defaults are left to the
-    board, so a firmware update can change them."""
-    if not is_valid_device_id(device_id):
-        raise ProvisionError(f"device_id: must match [A-Za-z0-9_-]{{1,32}}, got {device_id!r}")
+def check_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings without their None values, once every key is one the
+    board knows, each obeys its rule, and the required ones are present;
+    else ProvisionError naming the field. The same checks as the board's
+    settings.py, so a file that passes here boots there."""
     schema = settings_schema()
-    settings: dict[str, Any] = {"device_id": device_id}
+    settings: dict[str, Any] = {}
     for key, value in values.items():
         if value is None:
             continue
@@ -52,27 +51,26 @@ def build_settings(device_id: str, values: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
+def build_settings(device_id: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Checked settings for one board. Defaults are left to the board, so a
+    firmware update can change them."""
+    if not is_valid_device_id(device_id):
+        raise ProvisionError(f"device_id: must match [A-Za-z0-9_-]{{1,32}}, got {device_id!r}")
+    return check_settings({"device_id": device_id, **values})
+
+
 def parse_setting(text: str) -> tuple[str, Any]:
-    """'key=value' typed by the schema: ints, booleans, comma lists."""
+    """'key=value' typed by the schema: integers, comma lists, text."""
     key, sep, raw = text.partition("=")
     schema = settings_schema()
     if not sep or key not in schema:
         raise ProvisionError(f"{text!r}: expected key=value with a known key (known: {', '.join(sorted(schema))})")
     if schema[key].get("secret"):
         raise ProvisionError(f"{key}: a secret is never given on the command line; set {SECRET_ENV.get(key, key)}")
-    kind = schema[key]["type"]
-    if kind == "int":
-        try:
-            return key, int(raw)
-        except ValueError:
-            raise ProvisionError(f"{key}: must be an integer, got {raw!r}")
-    if kind == "bool":
-        if raw.lower() not in ("true", "false"):
-            raise ProvisionError(f"{key}: must be true or false, got {raw!r}")
-        return key, raw.lower() == "true"
-    if kind == "list":
-        return key, [item for item in raw.split(",") if item]
-    return key, raw
+    try:
+        return key, parse_value(schema[key], raw)
+    except ValueError as error:
+        raise ProvisionError(f"{key}: {error}") from None
 
 
 def read_secrets(
@@ -109,6 +107,6 @@ def write_settings(path: Path, settings: Mapping[str, Any]) -> None:
 
 
 __all__ = [
-    "HIDDEN", "ProvisionError", "SECRET_ENV", "build_settings", "parse_setting", "read_secrets", "redacted",
+    "HIDDEN", "ProvisionError", "SECRET_ENV", "build_settings", "check_settings", "parse_setting", "read_secrets", "redacted",
     "secret_keys", "write_settings",
 ]

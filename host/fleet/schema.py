@@ -44,4 +44,26 @@ def problem(rule: dict[str, Any], value: Any) -> str | None:
     return None
 
 
-__all__ = ["problem", "valid_id"]
+def parse_value(rule: dict[str, Any], raw: str) -> Any:
+    """A value typed on a command line (key=value) as its rule's type:
+    integers, booleans (true/false, on/off, yes/no, 1/0), comma lists; any
+    other type stays text. Raises ValueError saying what was expected."""
+    kind = rule["type"]
+    if kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"must be an integer, got {raw!r}") from None
+    if kind == "bool":
+        lowered = raw.lower()
+        if lowered in ("true", "on", "yes", "1"):
+            return True
+        if lowered in ("false", "off", "no", "0"):
+            return False
+        raise ValueError(f"must be true or false, got {raw!r}")
+    if kind == "list":
+        return [item for item in raw.split(",") if item]
+    return raw
+
+
+__all__ = ["parse_value", "problem", "valid_id"]
