@@ -42,7 +42,8 @@ from .commands import CommandRelay, results_stream_config
 from .configpush import ConfigPublisher, reports_stream_config
 from .forwarding import BatchSplitter, SplitterConfig
 from .configcli import config_view
-from .jetstream import bucket_keys, ensure_bucket, quietly
+from .inventory import read_registry
+from .jetstream import ensure_bucket, quietly
 from .natsconn import connect
 from .query import check_fields, parse_filter, scatter
 from .protocol import (
@@ -488,16 +489,7 @@ class Gateway:
     async def list_records(self) -> list[DeviceRecord]:
         """Every record in the registry, sorted by device id."""
         assert self._kv is not None
-        records: list[DeviceRecord] = []
-        for key in await asyncio.wait_for(bucket_keys(self._kv), _LIST_TIMEOUT):
-            try:
-                entry = await self._kv.get(key)
-                records.append(DeviceRecord.from_json(entry.value or b""))
-            except KeyNotFoundError:
-                continue  # deleted meanwhile
-            except ValueError as error:
-                log.warning("registry key %s is not a device record: %s", key, error)
-        return sorted(records, key=lambda record: record.id)
+        return await asyncio.wait_for(read_registry(self._kv), _LIST_TIMEOUT)
 
     async def _handle_devices(self, request: Request) -> None:
         records = await self.list_records()

@@ -6,6 +6,7 @@ errors come back as micro error headers and are raised as ApiError.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 
@@ -13,12 +14,15 @@ import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
 from .jetstream import bucket_keys
 from .natsconn import connect
 from .protocol import DEVICES_BUCKET, api_subject
 from .wire import DeviceRecord
+
+log = logging.getLogger(__name__)
 
 
 class GatewayNotRunning(RuntimeError):
@@ -130,14 +134,21 @@ async def registry_records(js: JetStreamContext) -> list[DeviceRecord]:
         registry = await js.key_value(DEVICES_BUCKET)
     except BucketNotFoundError:  # no registry yet
         return []
-    keys = await bucket_keys(registry)
+    return await read_registry(registry)
+
+
+async def read_registry(registry: KeyValue) -> list[DeviceRecord]:
+    """Every record in the registry, sorted by device id; a key that is not
+    a device record (written by another tool) is logged and skipped."""
     records = []
-    for key in keys:
+    for key in await bucket_keys(registry):
         try:
             records.append(DeviceRecord.from_json((await registry.get(key)).value or b""))
-        except (KeyNotFoundError, ValueError):
-            continue  # deleted meanwhile, or not a device record
-    return records
+        except KeyNotFoundError:
+            continue  # deleted meanwhile
+        except ValueError as error:
+            log.warning("registry key %s is not a device record: %s", key, error)
+    return sorted(records, key=lambda record: record.id)
 
 
 __all__ = [
@@ -150,6 +161,7 @@ __all__ = [
     "fetch_devices",
     "format_age",
     "format_table",
+    "read_registry",
     "registry_records",
     "table_row",
 ]
