@@ -3,12 +3,14 @@
 stopped in a finaliser, also when a test fails."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fleet.server import NatsServer
+from fleet.simulator import Simulator
 from support import GatewayThread
 
 
@@ -28,3 +30,21 @@ def gateway(server: NatsServer) -> Iterator[GatewayThread]:
     and acknowledged, as in the real system."""
     with GatewayThread(server.url, mqtt=(server.host, server.mqtt_port)) as running:
         yield running
+
+
+@pytest.fixture
+def simulators(tmp_path: Path, server: NatsServer) -> Iterator[Callable[..., Simulator]]:
+    """Makes Simulators against the test's server, each in its own folder
+    under tmp_path (default "sim"); stops every board they started."""
+    made: list[Simulator] = []
+
+    def make(folder: str = "sim", **options: Any) -> Simulator:
+        simulator = Simulator(tmp_path / folder, server.host, server.mqtt_port, **options)
+        made.append(simulator)
+        return simulator
+
+    try:
+        yield make
+    finally:
+        for simulator in made:
+            simulator.stop_all()

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import nats
@@ -23,12 +22,8 @@ FAST = {"keepalive_s": 2, "reconnect_min_ms": 100, "reconnect_max_ms": 500, "soc
 
 
 @pytest.fixture
-def sim(tmp_path: Path, server: NatsServer, gateway: GatewayThread) -> Iterator[Simulator]:
-    simulator = Simulator(tmp_path / "sim", server.host, server.mqtt_port, settings_defaults=FAST, fault_injection=True)
-    try:
-        yield simulator
-    finally:
-        simulator.stop_all()
+def sim(simulators: Callable[..., Simulator], gateway: GatewayThread) -> Simulator:
+    return simulators(settings_defaults=FAST, fault_injection=True)
 
 
 def fleet(server: NatsServer, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -56,13 +56,20 @@ def provision(tmp_path: Path, server: NatsServer, device: str, capsys: pytest.Ca
     return out
 
 
+def flash_command(board: VirtualBoard, settings: Path, index: MipIndex) -> list[str]:
+    """`fleet flash` of the sim firmware onto the virtual board, packages from the local index."""
+    return [
+        "flash", "--board", "sim", "--port", f"socket://127.0.0.1:{board.port}",
+        "--settings", str(settings), "--index", index.url, "--json",
+    ]
+
+
 def test_flash_puts_the_firmware_on_a_virtual_board_that_boots_it_and_comes_online(
     tmp_path: Path, server: NatsServer, gateway: GatewayThread, index: MipIndex, bare_board: VirtualBoard,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     settings = provision(tmp_path, server, "flashed-1", capsys)
-    port = f"socket://127.0.0.1:{bare_board.port}"
-    rc = fleet(["flash", "--board", "sim", "--port", port, "--settings", str(settings), "--index", index.url, "--json"])
+    rc = fleet(flash_command(bare_board, settings, index))
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     report = json.loads(printed.out)
@@ -86,8 +93,7 @@ def test_a_second_flash_copies_only_what_changed_even_with_the_firmware_running(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     settings = provision(tmp_path, server, "flashed-2", capsys)
-    port = f"socket://127.0.0.1:{bare_board.port}"
-    args = ["flash", "--board", "sim", "--port", port, "--settings", str(settings), "--index", index.url, "--json"]
+    args = flash_command(bare_board, settings, index)
     assert fleet(args) == 0
     capsys.readouterr()
     wait_for(lambda: stored_readings(server.url, "flashed-2"), "readings after the first flash", 30)

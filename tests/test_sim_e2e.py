@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -25,12 +24,8 @@ FAST = {
 
 
 @pytest.fixture
-def sim(tmp_path: Path, server: NatsServer, gateway: GatewayThread) -> Iterator[Simulator]:
-    simulator = Simulator(tmp_path / "sim", server.host, server.mqtt_port, settings_defaults=FAST)
-    try:
-        yield simulator
-    finally:
-        simulator.stop_all()
+def sim(simulators: Callable[..., Simulator], gateway: GatewayThread) -> Simulator:
+    return simulators(settings_defaults=FAST)
 
 
 @pytest.fixture
@@ -230,12 +225,8 @@ def test_jetstream_holds_each_devices_readings_in_increasing_sequence(sim: Simul
 
 
 @pytest.fixture
-def faulty_sim(tmp_path: Path, server: NatsServer, gateway: GatewayThread) -> Iterator[Simulator]:
-    simulator = Simulator(tmp_path / "sim", server.host, server.mqtt_port, settings_defaults=FAST, fault_injection=True)
-    try:
-        yield simulator
-    finally:
-        simulator.stop_all()
+def faulty_sim(simulators: Callable[..., Simulator], gateway: GatewayThread) -> Simulator:
+    return simulators(settings_defaults=FAST, fault_injection=True)
 
 
 def test_black_holed_link_is_noticed_by_the_device_itself_and_recovers(faulty_sim: Simulator, observer: FleetObserver) -> None:
@@ -268,18 +259,17 @@ def test_dropped_link_reconnects_with_backoff_until_it_heals(faulty_sim: Simulat
     wait_for(lambda: (text := device.log_text()).rfind("link: up") > text.rfind("link: down"), "link: up last", 10)
 
 
-def test_a_board_runs_from_the_compiled_mpy_files(tmp_path: Path, server: NatsServer, gateway: GatewayThread) -> None:
+def test_a_board_runs_from_the_compiled_mpy_files(
+    simulators: Callable[..., Simulator], server: NatsServer, gateway: GatewayThread
+) -> None:
     # The same bytecode `fleet flash` copies: no .py of the firmware on the path.
-    simulator = Simulator(tmp_path / "mpy-sim", server.host, server.mqtt_port, settings_defaults=FAST, compiled=True)
-    try:
-        simulator.start_fleet(1)
-        log = simulator.wait_for_log("sim-001", "link: up")
-        assert "sim firmware 0.1.0 from .mpy" in log
-        compiled = sorted(p.name for p in (tmp_path / "mpy-sim" / "mpy").iterdir())
-        assert "device.mpy" in compiled and "board.mpy" in compiled and "device.py" not in compiled
-        wait_for(lambda: len(stored_readings(server.url, "sim-001")) >= 3, "readings from the .mpy board", 15)
-    finally:
-        simulator.stop_all()
+    simulator = simulators("mpy-sim", settings_defaults=FAST, compiled=True)
+    simulator.start_fleet(1)
+    log = simulator.wait_for_log("sim-001", "link: up")
+    assert "sim firmware 0.1.0 from .mpy" in log
+    compiled = sorted(p.name for p in (simulator.data_dir / "mpy").iterdir())
+    assert "device.mpy" in compiled and "board.mpy" in compiled and "device.py" not in compiled
+    wait_for(lambda: len(stored_readings(server.url, "sim-001")) >= 3, "readings from the .mpy board", 15)
 
 
 def test_a_safe_file_keeps_the_firmware_from_starting(sim: Simulator) -> None:
@@ -295,7 +285,7 @@ def test_a_safe_file_keeps_the_firmware_from_starting(sim: Simulator) -> None:
 
 
 def test_a_board_whose_tick_counter_wraps_keeps_its_link_and_its_schedule(
-    tmp_path: Path, server: NatsServer, gateway: GatewayThread
+    simulators: Callable[..., Simulator], server: NatsServer, gateway: GatewayThread
 ) -> None:
     # The VM's ticks start 8 s before they wrap (at 2^62 ms in the 64-bit
     # unix port; 2^30 ms, about 12 days, on a board): keepalive pings,
@@ -313,23 +303,20 @@ def test_a_board_whose_tick_counter_wraps_keeps_its_link_and_its_schedule(
     ticks, period_minus_one = map(int, probe.stdout.split())
     assert 0 < period_minus_one - ticks <= 5000, probe.stdout  # the shim really puts it near the wrap
 
-    sim = Simulator(tmp_path / "sim", server.host, server.mqtt_port, settings_defaults=FAST, ticks_before_wrap_ms=8000)
-    try:
-        sim.add("sim-001", telemetry_interval_ms=100)
-        sim.start("sim-001")
-        started = time.monotonic()
-        wait_for(lambda: stored_readings(server.url, "sim-001"), "first readings", 15)
-        # Well past the wrap: readings keep coming, in order, exactly once.
-        wait_for(lambda: time.monotonic() - started > 14, "the wrap, and some time after it", 20, every=0.5)
-        before = len(stored_readings(server.url, "sim-001"))
-        wait_for(lambda: len(stored_readings(server.url, "sim-001")) >= before + 20, "readings after the wrap", 15)
-        readings = stored_readings(server.url, "sim-001")
-        seqs = [r.payload["seq"] for r in readings]  # type: ignore[index]
-        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
-        uptimes = [r.payload["uptime_s"] for r in readings]  # type: ignore[index]
-        assert uptimes == sorted(uptimes) and 0 <= uptimes[0] and uptimes[-1] >= 14
-        log = sim.devices["sim-001"].log_text()
-        assert "link: down" not in log and "restarting" not in log, log[-2000:]
-        assert sim.devices["sim-001"].running
-    finally:
-        sim.stop_all()
+    sim = simulators(settings_defaults=FAST, ticks_before_wrap_ms=8000)
+    sim.add("sim-001", telemetry_interval_ms=100)
+    sim.start("sim-001")
+    started = time.monotonic()
+    wait_for(lambda: stored_readings(server.url, "sim-001"), "first readings", 15)
+    # Well past the wrap: readings keep coming, in order, exactly once.
+    wait_for(lambda: time.monotonic() - started > 14, "the wrap, and some time after it", 20, every=0.5)
+    before = len(stored_readings(server.url, "sim-001"))
+    wait_for(lambda: len(stored_readings(server.url, "sim-001")) >= before + 20, "readings after the wrap", 15)
+    readings = stored_readings(server.url, "sim-001")
+    seqs = [r.payload["seq"] for r in readings]  # type: ignore[index]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    uptimes = [r.payload["uptime_s"] for r in readings]  # type: ignore[index]
+    assert uptimes == sorted(uptimes) and 0 <= uptimes[0] and uptimes[-1] >= 14
+    log = sim.devices["sim-001"].log_text()
+    assert "link: down" not in log and "restarting" not in log, log[-2000:]
+    assert sim.devices["sim-001"].running

@@ -11,8 +11,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from support import GatewayThread, stored_readings, wait_for
@@ -22,6 +21,7 @@ from fleet.flashlog import read_log
 from fleet.server import NatsServer
 from fleet.simulator import Simulator
 from fleet.tail import Reading
+from fleet.wire import ForwardingState
 
 FAST = {
     "keepalive_s": 2,
@@ -32,12 +32,8 @@ FAST = {
 
 
 @pytest.fixture
-def sim(tmp_path: Path, server: NatsServer) -> Iterator[Simulator]:
-    simulator = Simulator(tmp_path / "sim", server.host, server.mqtt_port, settings_defaults=FAST, fault_injection=True)
-    try:
-        yield simulator
-    finally:
-        simulator.stop_all()
+def sim(simulators: Callable[..., Simulator]) -> Simulator:
+    return simulators(settings_defaults=FAST, fault_injection=True)
 
 
 def seqs_of(readings: list[Reading]) -> list[int]:
@@ -157,27 +153,45 @@ def test_broker_restart_in_the_middle_of_a_large_backlog_loses_and_doubles_nothi
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "a reading is missing"
 
 
+def cut_while_recording(sim: Simulator, server: NatsServer, device: str = "sim-001") -> None:
+    """Start the board, wait until it forwards, then cut its link."""
+    sim.start(device)
+    wait_for(lambda: stored_readings(server.url, device), "first readings", 15)
+    sim.set_link(device, "drop")
+    sim.wait_for_log(device, "link: down", timeout=10)
+
+
+def heal_and_count_loss(
+    sim: Simulator, gateway: GatewayThread, server: NatsServer, what: str, timeout: float, device: str = "sim-001"
+) -> tuple[ForwardingState, list[Reading], list[int], int]:
+    """Restore the link; once the gateway has the loss counted and the
+    backlog forwarded: its state, the stored readings (exactly once, in
+    order), their sequence numbers and how many are missing."""
+    sim.set_link(device, "pass")
+    state = wait_for(lambda: (s := gateway.forwarding(device)) and s.dropped > 0 and s.backlog == 0 and s, what, timeout)
+    readings = stored_readings(server.url, device)
+    assert_exactly_once_in_order(readings)
+    seqs = seqs_of(readings)
+    return state, readings, seqs, (seqs[-1] - seqs[0] + 1) - len(seqs)
+
+
+def keeps_recording(sim: Simulator, server: NatsServer, last: int, device: str = "sim-001") -> None:
+    assert "Traceback" not in sim.devices[device].log_text()
+    wait_for(lambda: seqs_of(stored_readings(server.url, device))[-1] > last + 20, "readings after the gap", 15)
+
+
 def test_a_full_budget_drops_the_oldest_counts_them_and_recording_goes_on(
     sim: Simulator, gateway: GatewayThread, server: NatsServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     sim.add("sim-001", telemetry_interval_ms=10, backlog_budget=4096, flush_records=8)
-    sim.start("sim-001")
-    wait_for(lambda: stored_readings(server.url, "sim-001"), "first readings", 15)
-    sim.set_link("sim-001", "drop")
-    sim.wait_for_log("sim-001", "link: down", timeout=10)
+    cut_while_recording(sim, server)
     cut = time.monotonic()
     wait_for(lambda: time.monotonic() - cut >= 4, "a full budget (4 KB hold ~45 readings)", 10, every=0.5)
     assert sim.devices["sim-001"].running
     assert sum(p.stat().st_size for p in (sim.devices["sim-001"].flash_dir / "log").glob("*.seg")) <= 4096
-    sim.set_link("sim-001", "pass")
-    state = wait_for(
-        lambda: (s := gateway.forwarding("sim-001")) and s.dropped > 0 and s.backlog == 0 and s,
-        "the gap reported and the backlog forwarded", 30,
+    state, readings, seqs, missing = heal_and_count_loss(
+        sim, gateway, server, "the gap reported and the backlog forwarded", 30
     )
-    readings = stored_readings(server.url, "sim-001")
-    assert_exactly_once_in_order(readings)
-    seqs = seqs_of(readings)
-    missing = (seqs[-1] - seqs[0] + 1) - len(seqs)
     # The board lost what it counted, never more. It may count a batch that
     # the budget dropped while it was in flight and that still arrived, so
     # the count can exceed the loss by at most one batch.
@@ -188,49 +202,32 @@ def test_a_full_budget_drops_the_oldest_counts_them_and_recording_goes_on(
     assert main(["devices", "--nats", server.url, "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [(d["id"], d["dropped"], d["backlog"]) for d in listed] == [("sim-001", state.dropped, 0)]
-    assert "Traceback" not in sim.devices["sim-001"].log_text()
     # And it keeps recording and forwarding afterwards.
-    last = seqs[-1]
-    wait_for(lambda: seqs_of(stored_readings(server.url, "sim-001"))[-1] > last + 20, "readings after the gap", 15)
+    keeps_recording(sim, server, seqs[-1])
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the flash size limit mounts a tmpfs, which needs root")
 def test_a_full_flash_enospc_drops_the_oldest_counts_them_and_recording_goes_on(
-    tmp_path: Path, server: NatsServer, gateway: GatewayThread
+    simulators: Callable[..., Simulator], server: NatsServer, gateway: GatewayThread
 ) -> None:
     # A 64 KB flash (a tmpfs on the flash folder): the kernel's ENOSPC comes
     # long before the log's own budget (256 KB), as on a board whose
     # filesystem filled up with other files.
-    sim = Simulator(tmp_path / "sim", server.host, server.mqtt_port, settings_defaults=FAST,
-                    fault_injection=True, flash_bytes=64 * 1024)
-    try:
-        sim.add("sim-001", telemetry_interval_ms=10, backlog_budget=256 * 1024, flush_records=8)
-        flash = sim.devices["sim-001"].flash_dir
-        assert os.path.ismount(flash)
-        sim.start("sim-001")
-        wait_for(lambda: stored_readings(server.url, "sim-001"), "first readings", 15)
-        sim.set_link("sim-001", "drop")
-        sim.wait_for_log("sim-001", "link: down", timeout=10)
+    sim = simulators(settings_defaults=FAST, fault_injection=True, flash_bytes=64 * 1024)
+    sim.add("sim-001", telemetry_interval_ms=10, backlog_budget=256 * 1024, flush_records=8)
+    flash = sim.devices["sim-001"].flash_dir
+    assert os.path.ismount(flash)
+    cut_while_recording(sim, server)
 
-        def flash_filled_and_freed() -> bool:
-            usage = os.statvfs(flash)
-            return usage.f_bavail * usage.f_frsize < 8 * 1024
-        wait_for(flash_filled_and_freed, "the flash nearly full", 30, every=0.1)
-        cut = time.monotonic()
-        wait_for(lambda: time.monotonic() - cut >= 3, "recording on a full flash for 3 s", 10, every=0.5)
-        assert sim.devices["sim-001"].running
-        sim.set_link("sim-001", "pass")
-        state = wait_for(
-            lambda: (s := gateway.forwarding("sim-001")) and s.dropped > 0 and s.backlog == 0 and s,
-            "the readings lost to the full flash counted, and the rest forwarded", 60,
-        )
-        readings = stored_readings(server.url, "sim-001")
-        assert_exactly_once_in_order(readings)
-        seqs = seqs_of(readings)
-        missing = (seqs[-1] - seqs[0] + 1) - len(seqs)
-        assert 0 < missing <= state.dropped, (missing, state.dropped)
-        assert "Traceback" not in sim.devices["sim-001"].log_text()
-        last = seqs[-1]
-        wait_for(lambda: seqs_of(stored_readings(server.url, "sim-001"))[-1] > last + 20, "readings after the gap", 15)
-    finally:
-        sim.stop_all()
+    def flash_filled_and_freed() -> bool:
+        usage = os.statvfs(flash)
+        return usage.f_bavail * usage.f_frsize < 8 * 1024
+    wait_for(flash_filled_and_freed, "the flash nearly full", 30, every=0.1)
+    cut = time.monotonic()
+    wait_for(lambda: time.monotonic() - cut >= 3, "recording on a full flash for 3 s", 10, every=0.5)
+    assert sim.devices["sim-001"].running
+    state, _, seqs, missing = heal_and_count_loss(
+        sim, gateway, server, "the readings lost to the full flash counted, and the rest forwarded", 60
+    )
+    assert 0 < missing <= state.dropped, (missing, state.dropped)
+    keeps_recording(sim, server, seqs[-1])
