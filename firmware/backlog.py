@@ -177,12 +177,17 @@ class BacklogLog:
             pass  # already gone
 
     # -- forwarding ----------------------------------------------------------------
-    def next_batch(self, max_bytes):
+    def next_batch(self, max_bytes, start=None):
         # (bodies, token): the oldest unacknowledged records, flushed ones
         # first; pass the token to ack() once the broker has them all.
-        bodies, position = self.read_batch(max_bytes)
+        # `start` is the position in an earlier token: the batch after ones
+        # still in flight, from flushed records only (records in RAM go
+        # alone, when nothing else is in flight).
+        bodies, position = self.read_batch(max_bytes, start)
         if bodies:
             return bodies, (position, len(bodies), 0, 0)
+        if start is not None:
+            return bodies, None
         self.unsent = 0  # everything readable on flash is acknowledged
         bodies = []
         used = 0
@@ -210,12 +215,15 @@ class BacklogLog:
             if not self.pending_count:
                 self.pending = bytearray()
 
-    def read_batch(self, max_bytes):
-        # Returns (bodies, position after them). Only flushed records are
-        # read; the caller flushes first when it wants everything.
+    def read_batch(self, max_bytes, start=None):
+        # Returns (bodies, position after them), from the cursor or from
+        # `start` when that is past it. Only flushed records are read; the
+        # caller flushes first when it wants everything.
         bodies = []
         used = 0
         seg, off = self.seg, self.off
+        if start is not None and start > (seg, off):
+            seg, off = start
         f = None
         while True:
             if f is None:

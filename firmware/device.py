@@ -254,19 +254,18 @@ class Device:
         return True
 
     async def forward(self):
-        # Oldest first, several readings per QoS 1 message, one batch at a
-        # time. The log moves on only when the gateway says the readings are
-        # in the telemetry stream (topic ack): nats-server acknowledges an
-        # MQTT publish before a stream has stored it, so a PUBACK alone can
-        # lose readings when the broker stops. No ack in ack_timeout_ms: the
-        # batch goes again after a growing pause (no gateway running).
+        # Oldest first, several readings per QoS 1 message, up to
+        # forward_window batches in flight. The log moves on only when the
+        # gateway says the readings are in the telemetry stream (topic ack):
+        # nats-server acknowledges an MQTT publish before a stream has
+        # stored it, so a PUBACK alone can lose readings when the broker
+        # stops. No ack in ack_timeout_ms: everything in flight goes again
+        # from the log's cursor after a growing pause (no gateway running).
         log_ = self.backlog
         link = self.link
-        topic = self.topics["batch"]
         limit = self.settings["batch_bytes"]
-        ack_timeout = self.settings["ack_timeout_ms"]
         resend_at = ticks_ms()
-        misses = 0  # batches in a row without an ack: the pause before resending grows
+        misses = 0  # passes in a row without an ack: the pause before resending grows
         connects = link.connects
         while True:
             try:
@@ -278,7 +277,7 @@ class Device:
                 connects = link.connects
                 resend_at = ticks_ms()
             try:
-                resend_at, misses = await self._forward_batches(topic, limit, ack_timeout, resend_at, misses)
+                resend_at, misses = await self._forward_batches(limit, resend_at, misses)
             except MemoryError:  # a fragmented heap: smaller batches from now on
                 limit = max(256, limit // 2)
                 gc.collect()
@@ -289,21 +288,35 @@ class Device:
             if log_.flush_due():
                 log_.flush()
 
-    async def _forward_batches(self, topic, limit, ack_timeout, resend_at, misses):
+    async def _forward_batches(self, limit, resend_at, misses):
         # One pass over the log while the link is up; returns the state the
-        # forwarder keeps between passes.
+        # forwarder keeps between passes. A pass starts at the log's cursor,
+        # so whatever was in flight when the last one ended goes again (the
+        # gateway drops what it already stored).
         log_ = self.backlog
         link = self.link
+        window = self.settings["forward_window"]
+        ack_timeout = self.settings["ack_timeout_ms"]
+        inflight = []  # (last seq, token) of each batch sent and not acked, oldest first
         while link.connected and ticks_diff(ticks_ms(), resend_at) >= 0:
-            bodies, token = log_.next_batch(limit)
-            if not bodies:
+            # Fill the window. Later batches carry the last seq of the one
+            # before ("prev"): if that one never reached the stream, the
+            # gateway sees the hole and stores nothing past it.
+            while len(inflight) < window:
+                start = inflight[-1][1][0] if inflight else None
+                if inflight and start is None:
+                    break  # readings from RAM are in flight: they go alone
+                bodies, token = log_.next_batch(limit, start)
+                if not bodies:
+                    break
+                prev = inflight[-1][0] if inflight else -1
+                payload = self._batch(bodies, prev, len(inflight))
+                if not link.publish(self.topics["batch"], payload, False, 1):
+                    return resend_at, misses  # the link is down; all of it goes again on the next connection
+                inflight.append((_seq_of(bodies[-1]), token))
+            if not inflight:
                 break
-            last = _seq_of(bodies[-1])
-            self.stored.clear()
-            payload = self._batch(bodies)
-            if not link.publish(topic, payload, False, 1):
-                break  # the link is down; this batch goes again on the next connection
-            stored = await self._stored_up_to(last, ack_timeout)
+            stored = await self._stored_up_to(inflight[0][0], ack_timeout)
             if stored is None:
                 break  # the link went down meanwhile
             if not stored:
@@ -312,12 +325,18 @@ class Device:
                 pause = 0 if not misses else min(ack_timeout << min(misses - 1, 8), 60000)
                 misses += 1
                 resend_at = ticks_add(ticks_ms(), pause)
-                log("forward: no ack for seq %d in %d ms; sending again in %d ms" % (last, ack_timeout, pause))
+                log("forward: no ack for seq %d in %d ms; sending again in %d ms" % (inflight[0][0], ack_timeout, pause))
                 break
             misses = 0
-            payload = None
-            log_.ack(token)
-            self.forwarded += len(bodies)
+            # One cursor write for every batch this ack covers (the oldest
+            # one at least: that is what was waited for).
+            token = inflight.pop(0)[1]
+            count = token[1]
+            while inflight and inflight[0][0] <= self.stored_seq:
+                token = inflight.pop(0)[1]
+                count += token[1]
+            log_.ack(token if token[0] is None else (token[0], count, 0, 0))
+            self.forwarded += count
         return resend_at, misses
 
     async def _stored_up_to(self, seq, timeout_ms):
@@ -352,14 +371,15 @@ class Device:
             dog.feed()
             await asyncio.sleep_ms(1000)
 
-    def _batch(self, bodies):
+    def _batch(self, bodies, prev, inflight):
         # Built in one buffer kept for the device's life, not by joining
         # (three copies of up to batch_bytes each): on a fragmented heap the
         # forwarder then asks for nothing big per batch. The records are
         # JSON already. Returns a view: publish() copies it out before the
         # next batch is built.
         log_ = self.backlog
-        head = b'{"dropped": %d, "backlog": %d, "records": [' % (log_.dropped, max(0, log_.backlog() - len(bodies)))
+        waiting = max(0, log_.backlog() - len(bodies) * (inflight + 1))  # about: batches differ in size
+        head = b'{"prev": %d, "dropped": %d, "backlog": %d, "records": [' % (prev, log_.dropped, waiting)
         size = len(head) + sum(len(b) for b in bodies) + len(bodies) + 2
         buf = self.batch_buffer
         if buf is None or len(buf) < size:

@@ -4,8 +4,10 @@ batch comes again), the ack a board waits for, gaps, malformed batches, and
 one splitter at a time across gateway instances."""
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
+import time
 from collections.abc import Iterator
 
 import paho.mqtt.client as mqtt
@@ -28,10 +30,23 @@ class StandInBoard:
         self.client.loop_start()
         self.client.subscribe(f"fleet/{device_id}/ack", 0)[1]
 
-    def send(self, seqs: list[int], dropped: int = 0, backlog: int = 0, raw: bytes | None = None) -> None:
+    def send(
+        self, seqs: list[int], dropped: int = 0, backlog: int = 0, raw: bytes | None = None, prev: int = -1, wait: bool = True
+    ) -> mqtt.MQTTMessageInfo:
         records = [{"seq": s, "ts": 1.0 + s, "boot": 1, "temp_c": 20.0 + s} for s in seqs]
-        payload = raw if raw is not None else json.dumps({"dropped": dropped, "backlog": backlog, "records": records}).encode()
-        self.client.publish(f"fleet/{self.device_id}/batch", payload, qos=1).wait_for_publish(5)
+        batch = {"prev": prev, "dropped": dropped, "backlog": backlog, "records": records}
+        payload = raw if raw is not None else json.dumps(batch).encode()
+        sent = self.client.publish(f"fleet/{self.device_id}/batch", payload, qos=1)
+        if wait:
+            sent.wait_for_publish(5)
+        return sent
+
+    def ack_reaching(self, seq: int, timeout: float = 20.0) -> int:
+        """Acks until one says `seq` is stored (several batches in flight)."""
+        deadline = time.monotonic() + timeout
+        while (got := self.acks.get(timeout=max(0.01, deadline - time.monotonic()))) < seq:
+            pass
+        return got
 
     def ack(self, timeout: float = 10.0) -> int:
         return self.acks.get(timeout=timeout)
@@ -114,6 +129,58 @@ def test_a_record_without_a_sequence_is_left_out_and_counted(board: StandInBoard
     assert seqs(server) == [1, 2]
     state = gateway.forwarding("dev-1")
     assert state is not None and state.malformed == 2
+
+
+def test_batches_in_flight_together_are_stored_in_order_exactly_once(board: StandInBoard, server: NatsServer) -> None:
+    # A board keeps several batches in flight: the splitter takes them in
+    # rounds, and a resend of the first ones among them changes nothing.
+    sent = [board.send(list(range(first, first + 7)), prev=first - 1, wait=False) for first in range(0, 350, 7)]
+    sent.append(board.send(list(range(0, 14)), wait=False))  # the board's cursor went back: sent again
+    for message in sent:
+        message.wait_for_publish(5)
+    assert board.ack_reaching(349) == 349
+    assert seqs(server) == list(range(350))
+
+
+def test_a_batch_after_one_that_never_reached_the_stream_stores_nothing_until_the_board_resends(
+    board: StandInBoard, server: NatsServer, gateway: GatewayThread
+) -> None:
+    board.send([1, 2])
+    assert board.ack() == 2
+    # The batch with 3-5 was acknowledged by the broker and then lost; the
+    # next one says it follows 5: storing it would skip 3-5 for good.
+    board.send([6, 7], prev=5)
+    assert board.ack() == 2
+    assert seqs(server) == [1, 2]
+    board.send([3, 4, 5], prev=2)  # the board, never acked, sends from its cursor
+    board.send([6, 7], prev=5)
+    assert board.ack_reaching(7) == 7
+    assert seqs(server) == [1, 2, 3, 4, 5, 6, 7]
+    state = gateway.forwarding("dev-1")
+    assert state is not None and state.holes == 1
+
+
+def test_a_record_stored_by_someone_else_between_rounds_breaks_the_chain_and_the_round_goes_again(
+    board: StandInBoard, server: NatsServer, gateway: GatewayThread
+) -> None:
+    board.send([1, 2])
+    assert board.ack() == 2
+
+    async def foreign() -> None:
+        import nats
+
+        nc = await nats.connect(server.url)
+        try:
+            await nc.jetstream().publish("fleet.dev-2.telemetry", b'{"seq": 1}')
+        finally:
+            await nc.close()
+
+    asyncio.run(foreign())
+    board.send([3, 4])
+    assert board.ack() == 4
+    assert seqs(server) == [1, 2, 3, 4]
+    splitter = gateway.gateway.splitter
+    assert splitter is not None and splitter.counters.failed >= 1  # the chain noticed
 
 
 def test_batches_parse_into_records_with_their_own_bytes() -> None:

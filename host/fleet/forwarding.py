@@ -4,16 +4,30 @@ telemetry message per reading, exactly once and in order.
 A board forwards its flash log oldest first as QoS 1 messages on
 fleet/<id>/batch. The stream FLEET_BATCHES captures them by itself (nothing is
 lost while no gateway runs). The splitter reads that stream through a durable
-pull consumer and publishes each record to fleet.<id>.telemetry, where
-FLEET_TELEMETRY stores it. Exactly once rests on two things:
+pull consumer, a round of up to `round_batches` batches at a time, and
+publishes each record to fleet.<id>.telemetry, where FLEET_TELEMETRY stores
+it. Exactly once rests on three things:
 
-- a per-device high-water mark (the last sequence stored) in the KV bucket
-  `fleet_forwarding`: the board's sequence only grows and its log is sent in
-  order, so a record at or below the mark is a batch sent again after a lost
-  PUBACK, however long after;
-- a JetStream message id `<id>:<seq>` on every publish, so a splitter that
-  dies between publishing and moving the mark republishes into the stream's
-  duplicate window and nothing is stored twice.
+- a per-device high-water mark, the last sequence stored: the board's
+  sequence only grows and its log is sent in order, so a record at or below
+  the mark is a batch sent again after a lost PUBACK, however long after.
+  The lease holder keeps the marks in memory; it reads one from the stream
+  itself (the device's last stored reading) and from the KV bucket
+  `fleet_forwarding`, whichever is higher, whenever it has no good copy;
+- a round's records are published back to back as a chain: each names the
+  record before it (`Nats-Expected-Last-Msg-Id`), so the stream stores a
+  record only right after its predecessor, and the ack of the last one
+  stands for the whole round. A round that fails leaves a stored prefix,
+  and the marks, read again from the stream, say exactly where it ends;
+- a JetStream message id `<id>:<seq>` on every record, so a holder that
+  lost its lease without knowing it cannot store a record twice inside the
+  stream's duplicate window.
+
+A board keeps several batches in flight, and each says which sequence the
+batch before it ended with (`prev`). A batch whose `prev` is past the mark
+follows one that never reached the stream (nats-server acknowledged it,
+then stopped): nothing in it is stored, and the board, never acked, sends
+again from its cursor.
 
 The board's log moves on only when the splitter answers on fleet/<id>/ack
 with the last sequence stored: nats-server acknowledges an MQTT QoS 1
@@ -27,10 +41,11 @@ renews it) decides which one fetches. The others wait to take over.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -38,12 +53,13 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import (
     KeyNotFoundError,
     KeyWrongLastSequenceError,
+    NotFoundError,
 )
 from nats.js.kv import KeyValue
 
 from .jetstream import bucket_keys, ensure_bucket, quietly
-from .protocol import BATCH_STREAM, FORWARDING_BUCKET, LEASE_BUCKET, nats_subject
-from .wire import ForwardingState, MalformedPayload, ReadingBatch
+from .protocol import BATCH_STREAM, FORWARDING_BUCKET, LEASE_BUCKET, TELEMETRY_STREAM, nats_subject
+from .wire import ForwardingState, MalformedPayload, ReadingBatch, TelemetryReading
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +68,18 @@ _LEASE_KEY = "splitter"
 _GAPS_KEPT = 16
 
 
+class _ChainBroken(Exception):
+    """The stream refused the last record of a round: the marks may be behind."""
+
+
 @dataclass(frozen=True)
 class SplitterConfig:
     batch_max_age: float = 7 * 24 * 3600.0  # seconds a batch stays in FLEET_BATCHES
     duplicate_window: float = 120.0
     fetch_wait: float = 1.0
-    publish_timeout: float = 5.0  # for the stream's acks of one batch
+    round_batches: int = 64  # batches fetched and split together
+    publish_timeout: float = 5.0  # for the stream's ack of a round's last record
+    save_every: float = 0.5  # seconds between saves of the per-device state in the bucket
     ack_wait: float = 10.0  # a holder that died: its batch goes to the next one after this
     lease_ttl: float = 6.0  # a stopped or frozen holder is replaced after this
 
@@ -68,7 +90,8 @@ class SplitterCounters:
     forwarded: int = 0
     duplicates: int = 0
     malformed: int = 0
-    failed: int = 0  # attempts that failed and were retried (JetStream unavailable)
+    holes: int = 0  # batches after one that never reached the stream: left for the board to resend
+    failed: int = 0  # rounds that failed and were retried (JetStream unavailable)
 
 
 def batch_stream_config(config: SplitterConfig) -> api.StreamConfig:
@@ -98,6 +121,13 @@ class BatchSplitter:
         self._leases: KeyValue | None = None
         self._lease_revision = 0
         self._task: asyncio.Task[None] | None = None
+        # device id -> (state, its revision in the bucket); good only while
+        # this instance holds the lease and its last round went through.
+        self._marks: dict[str, tuple[ForwardingState, int]] = {}
+        self._unsaved: set[str] = set()  # devices whose state in the bucket is behind
+        self._verify: set[str] = set()  # devices whose mark the stream may have passed
+        self._last_id: str | None = None  # message id of the last record this holder stored
+        self._saved_at = 0.0
         self._stopping = asyncio.Event()
 
     async def start(self, stream_setup: Callable[[api.StreamConfig], Awaitable[None]]) -> None:
@@ -118,7 +148,7 @@ class BatchSplitter:
                 ack_policy=api.AckPolicy.EXPLICIT,
                 ack_wait=self.config.ack_wait,
                 max_deliver=-1,
-                max_ack_pending=1,  # strict order: see _run
+                max_ack_pending=self.config.round_batches,  # order: see _run
             ),
         )
         self._task = asyncio.create_task(self._run(subscription), name="fleet-gateway-splitter")
@@ -130,6 +160,8 @@ class BatchSplitter:
                 await asyncio.wait_for(self._task, self.config.fetch_wait + 10)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 pass
+        if self.leader:
+            await self._save_quietly()
         if self.leader and self._leases is not None:
             # Hand over now rather than after the lease runs out.
             try:
@@ -149,6 +181,11 @@ class BatchSplitter:
         return found
 
     async def state(self, device_id: str) -> ForwardingState | None:
+        """The device's state: this holder's own copy when it has one (the
+        bucket is up to save_every behind), else the bucket's."""
+        cached = self._marks.get(device_id) if self.leader else None
+        if cached is not None:
+            return replace(cached[0], gaps=list(cached[0].gaps))
         assert self._state is not None
         try:
             entry = await self._state.get(device_id)
@@ -170,6 +207,8 @@ class BatchSplitter:
                 )
             else:
                 self._lease_revision = await self._leases.create(_LEASE_KEY, self.instance.encode())
+                self._marks.clear()  # whatever was known before is stale now
+                self._unsaved.clear()
                 log.info("splitter %s: holding the lease", self.instance)
             self.leader = True
         except KeyWrongLastSequenceError:
@@ -191,14 +230,20 @@ class BatchSplitter:
                 await self._hold_lease()
                 renewed = loop.time()
             if not self.leader:
+                self._marks.clear()  # another holder moves them meanwhile
+                self._unsaved.clear()
                 await self._sleep_unless_stopping(renew_every)
                 continue
             try:
-                # The consumer hands out one batch at a time (max_ack_pending
-                # 1), so batches are split in stream order even across
-                # redeliveries and a change of lease holder.
-                messages = await subscription.fetch(1, timeout=min(self.config.fetch_wait, renew_every))
+                # Batches come in stream order, and redeliveries in order
+                # too; a round is acknowledged as a whole only once all of
+                # it is stored, so no batch overtakes an earlier one even
+                # across a failure or a change of lease holder.
+                messages = await subscription.fetch(
+                    self.config.round_batches, timeout=min(self.config.fetch_wait, renew_every)
+                )
             except asyncio.TimeoutError:
+                await self._save_quietly()  # idle: bring the bucket up to date
                 continue
             except Exception as error:
                 if self._stopping.is_set():
@@ -206,91 +251,209 @@ class BatchSplitter:
                 log.warning("splitter: fetch failed (%r)", error)
                 await self._sleep_unless_stopping(1.0)
                 continue
-            for message in messages:
-                await self._split_until_done(message)
+            if messages:
+                await self._split_until_done(messages)
 
-    async def _split_until_done(self, message: Msg) -> None:
+    async def _save_quietly(self) -> None:
+        try:
+            await self._save_due(now=True)
+        except KeyWrongLastSequenceError:
+            # Another writer: what this instance knows is stale.
+            log.warning("splitter: the forwarding state was changed by another writer; reading it again")
+            self._marks.clear()
+            self._unsaved.clear()
+        except Exception as error:
+            log.debug("splitter: saving the forwarding state: %r", error)  # JetStream away: later
+
+    async def _split_until_done(self, messages: list[Msg]) -> None:
         # A failure here is JetStream being unavailable (a broker restart):
-        # try the same batch again rather than let a later one overtake it.
+        # try the same round again rather than let a later one overtake it.
         backoff = 0.2
+        attempts = 0
         while True:
             try:
-                device_id, last_seq = await self._split(message)
-                await quietly(message.ack())
-                # The board moves its log on only when it hears this: sent for
-                # duplicates too, so a board that missed it catches up.
-                await quietly(self.nc.publish(nats_subject(device_id, "ack"), str(last_seq).encode()))
-                return
+                stored = await self._split(messages)
             except Exception as error:
+                attempts += 1
                 self.counters.failed += 1
+                # A prefix of the round's records may be stored: check
+                # the marks against the stream before trusting them again.
+                self._verify.update(self._marks)
+                if isinstance(error, KeyWrongLastSequenceError):
+                    self._marks.clear()  # another writer changed the bucket: read it again
+                    self._unsaved.clear()
                 if self._stopping.is_set():
                     return  # left unacknowledged: the next holder gets it first
-                await quietly(message.in_progress())  # still ours: no redelivery meanwhile
-                log.warning("splitter: batch on %s not forwarded yet (%r); retrying", message.subject, error)
+                if isinstance(error, _ChainBroken) and attempts == 1:
+                    continue  # the marks were behind the stream; read again, they are not
+                log.warning("splitter: %d batches not forwarded yet (%r); retrying", len(messages), error)
+                for message in messages:
+                    await quietly(message.in_progress())  # still ours: no redelivery meanwhile
                 await self._sleep_unless_stopping(backoff)
                 backoff = min(backoff * 2, 5.0)
+                continue
+            for message in messages:
+                await quietly(message.ack())
+            # A board moves its log on only when it hears this: sent for
+            # duplicates and holes too, so a board that missed one catches up.
+            for device_id, last_seq in stored.items():
+                await quietly(self.nc.publish(nats_subject(device_id, "ack"), str(last_seq).encode()))
+            return
 
-    async def _split(self, message: Msg) -> tuple[str, int]:
-        """Forward one batch in order, then move the device's mark.
+    async def _split(self, messages: list[Msg]) -> dict[str, int]:
+        """Forward a round of batches in order, then move the devices' marks.
 
-        Returns the device id and the last sequence now stored.
+        Returns the last sequence now stored for every device in the round.
         """
+        records: list[tuple[str, bytes, str]] = []  # subject, body, message id
+        touched: dict[str, ForwardingState] = {}
+        gaps_before: dict[str, int] = {}
+        forwarded = duplicates = malformed = holes = 0
+        for message in messages:
+            device_id = message.subject.split(".")[1]
+            state = touched.get(device_id)
+            if state is None:
+                state = touched[device_id] = await self._mark(device_id)
+                gaps_before[device_id] = len(state.gaps)
+            state.batches += 1
+            try:
+                batch = ReadingBatch.parse(message.data)
+            except MalformedPayload as bad:
+                state.malformed += 1
+                malformed += 1
+                log.warning("device %s: malformed batch (%s): %r", device_id, bad.args[0], message.data[:120])
+                continue
+            if batch.prev > state.last_seq:
+                # The batch before this one never reached the stream: store
+                # nothing past the hole; the board sends both again.
+                holes += 1
+                state.holes += 1
+                continue
+            subject = nats_subject(device_id, "telemetry")
+            fresh = [record for record in batch.records if record.seq > state.last_seq]
+            records.extend((subject, record.raw, f"{device_id}:{record.seq}") for record in fresh)
+            if batch.dropped > state.dropped:
+                # The board's flash budget ran out: the lost readings sit between
+                # the last one stored before this batch and its first record.
+                gap = {"after_seq": state.last_seq, "dropped": batch.dropped - state.dropped}
+                state.gaps = [*state.gaps, gap][-_GAPS_KEPT:]
+                state.dropped = batch.dropped
+            if fresh:
+                state.last_seq = fresh[-1].seq
+            state.forwarded += len(fresh)
+            state.duplicates += len(batch.records) - len(fresh)
+            state.malformed += batch.malformed
+            state.backlog = batch.backlog
+            forwarded += len(fresh)
+            duplicates += len(batch.records) - len(fresh)
+            malformed += batch.malformed
+        if records:
+            await self._publish_chain(records)
+        for device_id, state in touched.items():
+            self._marks[device_id] = (state, self._marks[device_id][1])
+            self._verify.discard(device_id)
+            self._unsaved.add(device_id)
+            if len(state.gaps) != gaps_before[device_id]:
+                await self._save(device_id, state)  # a gap is saved at once, not only counted
+        await self._save_due()
+        counters = self.counters
+        counters.batches += len(messages)
+        counters.forwarded += forwarded
+        counters.duplicates += duplicates
+        counters.malformed += malformed
+        counters.holes += holes
+        return {device_id: state.last_seq for device_id, state in touched.items()}
+
+    async def _publish_chain(self, records: list[tuple[str, bytes, str]]) -> None:
+        """Store `records` in order, with one ack for all of them.
+
+        Each record names the one before it (`Nats-Expected-Last-Msg-Id`),
+        so the stream refuses a record whose predecessor is not the last
+        message stored: one that was lost makes every later one fail, the
+        last one included, and that one asks for the stream's answer.
+        """
+        last = len(records) - 1
+        try:
+            await self._publish_linked(records, last)
+        except BaseException:
+            self._last_id = None  # what the stream holds last is unknown now
+            raise
+
+    async def _publish_linked(self, records: list[tuple[str, bytes, str]], last: int) -> None:
+        for index, (subject, body, message_id) in enumerate(records):
+            headers = {"Nats-Msg-Id": message_id}
+            if self._last_id is not None:
+                headers["Nats-Expected-Last-Msg-Id"] = self._last_id
+            self._last_id = message_id
+            if index < last:
+                await self.nc.publish(subject, body, headers=headers)
+                continue
+            reply = await self.nc.request(subject, body, headers=headers, timeout=self.config.publish_timeout)
+            answer = json.loads(reply.data)
+            if not isinstance(answer, dict) or answer.get("error") or answer.get("duplicate"):
+                # Refused, or a duplicate, whose ack says nothing about the
+                # records before it: the marks are checked and the round
+                # goes again.
+                raise _ChainBroken(str(answer.get("error") if isinstance(answer, dict) else answer))
+            self._last_id = message_id
+
+    async def _mark(self, device_id: str) -> ForwardingState:
+        """A copy of the device's forwarding state, its mark no lower than
+        the stream's when there is reason to doubt it."""
+        cached = self._marks.get(device_id)
+        if cached is not None:
+            state = replace(cached[0], gaps=list(cached[0].gaps))
+            if device_id not in self._verify:
+                return state
+        else:
+            state, revision = await self._load(device_id)
+            self._marks[device_id] = (state, revision)
+            state = replace(state, gaps=list(state.gaps))
+        # The stream has the last word: a holder that stopped between
+        # storing a round and saving the marks left the bucket behind, and a
+        # round that failed may have stored a prefix of its records.
+        try:
+            last = await self.js.get_last_msg(TELEMETRY_STREAM, nats_subject(device_id, "telemetry"))
+            state.last_seq = max(state.last_seq, TelemetryReading.parse(last.data or b"").seq)
+        except NotFoundError:
+            pass  # nothing of this device in the stream (yet, or any more)
+        except MalformedPayload:
+            pass  # not something the splitter stored
+        return state
+
+    async def _load(self, device_id: str) -> tuple[ForwardingState, int]:
         assert self._state is not None
-        device_id = message.subject.split(".")[1]
         try:
             entry = await self._state.get(device_id)
-            revision = entry.revision or 0
-            try:
-                state = ForwardingState.from_json(entry.value or b"")
-            except ValueError:
-                state = ForwardingState(id=device_id)
         except KeyNotFoundError:
-            state, revision = ForwardingState(id=device_id), 0
+            return ForwardingState(id=device_id), 0
         try:
-            batch = ReadingBatch.parse(message.data)
-        except MalformedPayload as bad:
-            state.malformed += 1
-            self.counters.malformed += 1
-            log.warning("device %s: malformed batch (%s): %r", device_id, bad.args[0], message.data[:120])
-            await self._save(device_id, state, revision)
-            return device_id, state.last_seq
-        subject = nats_subject(device_id, "telemetry")
-        fresh = [record for record in batch.records if record.seq > state.last_seq]
-        # Published back to back, acknowledged together: one connection keeps
-        # them in order. The message id makes a retry after a partial
-        # failure harmless.
-        acks = [
-            await self.js.publish_async(subject, record.raw, headers={"Nats-Msg-Id": f"{device_id}:{record.seq}"})
-            for record in fresh
-        ]
-        await asyncio.wait_for(asyncio.gather(*acks), self.config.publish_timeout)
-        duplicates = len(batch.records) - len(fresh)
-        if batch.dropped > state.dropped:
-            # The board's flash budget ran out: the lost readings sit between
-            # the last one stored before this batch and its first record.
-            gap = {"after_seq": state.last_seq, "dropped": batch.dropped - state.dropped}
-            state.gaps = [*state.gaps, gap][-_GAPS_KEPT:]
-            state.dropped = batch.dropped
-        if fresh:
-            state.last_seq = fresh[-1].seq
-        state.forwarded += len(fresh)
-        state.duplicates += duplicates
-        state.malformed += batch.malformed
-        state.backlog = batch.backlog
-        state.batches += 1
-        await self._save(device_id, state, revision)
-        self.counters.batches += 1
-        self.counters.forwarded += len(fresh)
-        self.counters.duplicates += duplicates
-        self.counters.malformed += batch.malformed
-        return device_id, state.last_seq
+            return ForwardingState.from_json(entry.value or b""), entry.revision or 0
+        except ValueError:
+            return ForwardingState(id=device_id), entry.revision or 0
 
-    async def _save(self, device_id: str, state: ForwardingState, revision: int) -> None:
+    async def _save_due(self, now: bool = False) -> None:
+        # The bucket holds counts for people and the mark for the next
+        # holder, who also reads the stream: saved every save_every
+        # seconds, not per round, which would cost a round trip each.
+        loop = asyncio.get_running_loop()
+        if not self._unsaved or not (now or loop.time() - self._saved_at >= self.config.save_every):
+            return
+        for device_id in list(self._unsaved):
+            cached = self._marks.get(device_id)
+            if cached is not None:
+                await self._save(device_id, cached[0])
+        self._saved_at = loop.time()
+
+    async def _save(self, device_id: str, state: ForwardingState) -> None:
         assert self._state is not None
+        _, revision = self._marks.get(device_id, (state, 0))
         if revision == 0:
-            await self._state.create(device_id, state.to_bytes())
+            revision = await self._state.create(device_id, state.to_bytes())
         else:
-            await self._state.update(device_id, state.to_bytes(), last=revision)
+            revision = await self._state.update(device_id, state.to_bytes(), last=revision)
+        self._marks[device_id] = (state, revision)
+        self._unsaved.discard(device_id)
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
         try:

@@ -75,6 +75,9 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def _json_object(data: bytes) -> dict[str, Any]:
     try:
         value = json.loads(data, parse_constant=_reject_constant)
@@ -147,7 +150,11 @@ class TelemetryReading:
 
     @classmethod
     def parse(cls, data: bytes) -> TelemetryReading:
-        value = _json_object(data)
+        return cls.from_value(_json_object(data))
+
+    @classmethod
+    def from_value(cls, value: dict[str, Any]) -> TelemetryReading:
+        """A reading from a JSON object already parsed."""
         if "seq" not in value:
             raise MalformedPayload("no 'seq' field")
         _check_types(value, _TELEMETRY_FIELD_TYPES)
@@ -231,14 +238,18 @@ class ReadingBatch:
 
     `dropped` is the board's running count of readings lost to its flash
     budget; `backlog` is how many were still waiting after this batch.
-    Records that are not readings are counted in `malformed` and left out:
-    one bad record must not hold back the good ones around it.
+    `prev` is the last sequence of the batch the board sent just before
+    this one while both were in flight (-1: none), so a batch that never
+    reached the stream shows up as a hole. Records that are not readings
+    are counted in `malformed` and left out: one bad record must not hold
+    back the good ones around it.
     """
 
     dropped: int
     backlog: int
     records: tuple[ForwardedRecord, ...]
     malformed: int = 0
+    prev: int = -1
 
     @classmethod
     def parse(cls, data: bytes) -> ReadingBatch:
@@ -252,18 +263,22 @@ class ReadingBatch:
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
                 raise MalformedPayload(f"{name} is not a count")
             counts[name] = count
+        prev = value.get("prev", -1)
+        if isinstance(prev, bool) or not isinstance(prev, int) or prev < -1:
+            raise MalformedPayload("prev is not a sequence number")
         parsed: list[ForwardedRecord] = []
         malformed = 0
+        encode = _COMPACT.encode
         for record in records:
             try:
                 if not isinstance(record, dict):
                     raise MalformedPayload("a record is not an object")
-                reading = TelemetryReading.parse(json.dumps(record).encode())
+                seq = TelemetryReading.from_value(record).seq
             except MalformedPayload:
                 malformed += 1
                 continue
-            parsed.append(ForwardedRecord(reading.seq, json.dumps(record, separators=(",", ":")).encode()))
-        return cls(counts["dropped"], counts["backlog"], tuple(parsed), malformed)
+            parsed.append(ForwardedRecord(seq, encode(record).encode()))
+        return cls(counts["dropped"], counts["backlog"], tuple(parsed), malformed, prev)
 
 
 @dataclass
@@ -284,6 +299,7 @@ class ForwardingState:
     backlog: int = 0
     gaps: list[dict[str, int]] = field(default_factory=list)  # newest last, bounded
     batches: int = 0
+    holes: int = 0  # batches that followed one never stored: left for the board to resend
 
     @classmethod
     def from_json(cls, data: bytes) -> ForwardingState:

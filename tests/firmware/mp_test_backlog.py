@@ -215,3 +215,29 @@ def test_a_failing_write_drops_the_oldest_and_recording_goes_on():
     assert log.dropped > 0
     assert len(got) + log.dropped == 80, (len(got), log.dropped)
     assert got[-1] == body(79) and got == sorted(got, key=lambda b: int(b[8:b.index(b",")]))
+
+
+def test_batches_in_flight_follow_each_other_and_one_ack_covers_them():
+    # The forwarder keeps several batches in flight: each starts where the
+    # one before ended, segments included, and records still in RAM never
+    # join a batch sent behind others.
+    log = BacklogLog(segment_size=200, flush_records=8, flush_ms=60000)
+    for i in range(30):  # 24 flushed over several segments, 6 in RAM
+        log.append(body(i))
+    sent = []
+    tokens = []
+    start = None
+    while True:
+        bodies, token = log.next_batch(100, start)
+        if not bodies:
+            break
+        sent.extend(bodies)
+        tokens.append(token)
+        start = token[0]
+    assert sent == [body(i) for i in range(24)] and token is None
+    assert len(tokens) > 4
+    # The gateway acks the first three at once: one cursor write for them.
+    covered = sum(t[1] for t in tokens[:3])
+    log.ack((tokens[2][0], covered, 0, 0))
+    assert log.backlog() == 30 - covered
+    assert drain(log) == [body(i) for i in range(covered, 30)]
