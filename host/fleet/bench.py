@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .background import BackgroundGateway
+from .forwarding import publish_chain
 from .natsconn import connect
 from .paths import BENCH_DIR, micropython_executable, micropython_path
 from .protocol import TELEMETRY_STREAM
@@ -130,15 +131,9 @@ def python_publish_ceiling(server: NatsServer, count: int, per_round: int = PYTH
             await nc.jetstream().add_stream(name="BENCH_PY", subjects=["bench.py"])
             started = time.perf_counter()
             previous = None
-            for n in range(count):
-                headers = {"Nats-Msg-Id": f"b:{n}"}
-                if previous is not None:
-                    headers["Nats-Expected-Last-Msg-Id"] = previous
-                previous = headers["Nats-Msg-Id"]
-                if (n + 1) % per_round and n + 1 < count:
-                    await nc.publish("bench.py", body, headers=headers)
-                elif b"error" in (await nc.request("bench.py", body, headers=headers, timeout=10)).data:
-                    raise RuntimeError("benchmark: a chained publish was refused")
+            for first in range(0, count, per_round):
+                round_ = [("bench.py", body, f"b:{n}") for n in range(first, min(first + per_round, count))]
+                previous = await publish_chain(nc, round_, previous, 10)
             return count / (time.perf_counter() - started)
         finally:
             await nc.close()

@@ -45,7 +45,7 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -68,8 +68,8 @@ _LEASE_KEY = "splitter"
 _GAPS_KEPT = 16
 
 
-class _ChainBroken(Exception):
-    """The stream refused the last record of a round: the marks may be behind."""
+class ChainBroken(Exception):
+    """The stream refused the last record of a chain: something before it is missing."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,34 @@ def batch_stream_config(config: SplitterConfig) -> api.StreamConfig:
         max_age=config.batch_max_age,
         duplicate_window=config.duplicate_window,
     )
+
+
+async def publish_chain(nc: Client, records: list[tuple[str, bytes, str]], after: str | None, timeout: float) -> str:
+    """Store `records` (subject, body, message id) in order, with one ack
+    for all of them; returns the last one's message id.
+
+    Each record names the one before it (`Nats-Expected-Last-Msg-Id`; the
+    first names `after`, the message id of what the stream holds last, when
+    known), so the stream refuses a record whose predecessor is not the
+    last message stored: one that was lost makes every later one fail, the
+    last one included, and that one asks for the stream's answer.
+    """
+    previous = after
+    for index, (subject, body, message_id) in enumerate(records):
+        headers = {"Nats-Msg-Id": message_id}
+        if previous is not None:
+            headers["Nats-Expected-Last-Msg-Id"] = previous
+        previous = message_id
+        if index < len(records) - 1:
+            await nc.publish(subject, body, headers=headers)
+            continue
+        reply = await nc.request(subject, body, headers=headers, timeout=timeout)
+        answer = json.loads(reply.data)
+        if not isinstance(answer, dict) or answer.get("error") or answer.get("duplicate"):
+            # Refused, or a duplicate, whose ack says nothing about the
+            # records before it.
+            raise ChainBroken(str(answer.get("error") if isinstance(answer, dict) else answer))
+    return previous or ""
 
 
 class BatchSplitter:
@@ -185,16 +213,8 @@ class BatchSplitter:
         bucket is up to save_every behind), else the bucket's."""
         cached = self._marks.get(device_id) if self.leader else None
         if cached is not None:
-            return replace(cached[0], gaps=list(cached[0].gaps))
-        assert self._state is not None
-        try:
-            entry = await self._state.get(device_id)
-        except KeyNotFoundError:
-            return None
-        try:
-            return ForwardingState.from_json(entry.value or b"")
-        except ValueError:
-            return None
+            return cached[0].copy()
+        return (await self._load(device_id))[0]
 
     # -- the lease -------------------------------------------------------------------
     async def _hold_lease(self) -> bool:
@@ -207,8 +227,7 @@ class BatchSplitter:
                 )
             else:
                 self._lease_revision = await self._leases.create(_LEASE_KEY, self.instance.encode())
-                self._marks.clear()  # whatever was known before is stale now
-                self._unsaved.clear()
+                self._forget()  # whatever was known before is stale now
                 log.info("splitter %s: holding the lease", self.instance)
             self.leader = True
         except KeyWrongLastSequenceError:
@@ -230,8 +249,7 @@ class BatchSplitter:
                 await self._hold_lease()
                 renewed = loop.time()
             if not self.leader:
-                self._marks.clear()  # another holder moves them meanwhile
-                self._unsaved.clear()
+                self._forget()  # another holder moves them meanwhile
                 await self._sleep_unless_stopping(renew_every)
                 continue
             try:
@@ -254,14 +272,18 @@ class BatchSplitter:
             if messages:
                 await self._split_until_done(messages)
 
+    def _forget(self) -> None:
+        """Drop every state held in memory, saved or not: read them again."""
+        self._marks.clear()
+        self._unsaved.clear()
+
     async def _save_quietly(self) -> None:
         try:
             await self._save_due(now=True)
         except KeyWrongLastSequenceError:
             # Another writer: what this instance knows is stale.
             log.warning("splitter: the forwarding state was changed by another writer; reading it again")
-            self._marks.clear()
-            self._unsaved.clear()
+            self._forget()
         except Exception as error:
             log.debug("splitter: saving the forwarding state: %r", error)  # JetStream away: later
 
@@ -280,11 +302,10 @@ class BatchSplitter:
                 # the marks against the stream before trusting them again.
                 self._verify.update(self._marks)
                 if isinstance(error, KeyWrongLastSequenceError):
-                    self._marks.clear()  # another writer changed the bucket: read it again
-                    self._unsaved.clear()
+                    self._forget()  # another writer changed the bucket: read it again
                 if self._stopping.is_set():
                     return  # left unacknowledged: the next holder gets it first
-                if isinstance(error, _ChainBroken) and attempts == 1:
+                if isinstance(error, ChainBroken) and attempts == 1:
                     continue  # the marks were behind the stream; read again, they are not
                 log.warning("splitter: %d batches not forwarded yet (%r); retrying", len(messages), error)
                 for message in messages:
@@ -348,7 +369,11 @@ class BatchSplitter:
             duplicates += len(batch.records) - len(fresh)
             malformed += batch.malformed
         if records:
-            await self._publish_chain(records)
+            try:
+                self._last_id = await publish_chain(self.nc, records, self._last_id, self.config.publish_timeout)
+            except BaseException:
+                self._last_id = None  # what the stream holds last is unknown now
+                raise
         for device_id, state in touched.items():
             self._marks[device_id] = (state, self._marks[device_id][1])
             self._verify.discard(device_id)
@@ -364,51 +389,16 @@ class BatchSplitter:
         counters.holes += holes
         return {device_id: state.last_seq for device_id, state in touched.items()}
 
-    async def _publish_chain(self, records: list[tuple[str, bytes, str]]) -> None:
-        """Store `records` in order, with one ack for all of them.
-
-        Each record names the one before it (`Nats-Expected-Last-Msg-Id`),
-        so the stream refuses a record whose predecessor is not the last
-        message stored: one that was lost makes every later one fail, the
-        last one included, and that one asks for the stream's answer.
-        """
-        last = len(records) - 1
-        try:
-            await self._publish_linked(records, last)
-        except BaseException:
-            self._last_id = None  # what the stream holds last is unknown now
-            raise
-
-    async def _publish_linked(self, records: list[tuple[str, bytes, str]], last: int) -> None:
-        for index, (subject, body, message_id) in enumerate(records):
-            headers = {"Nats-Msg-Id": message_id}
-            if self._last_id is not None:
-                headers["Nats-Expected-Last-Msg-Id"] = self._last_id
-            self._last_id = message_id
-            if index < last:
-                await self.nc.publish(subject, body, headers=headers)
-                continue
-            reply = await self.nc.request(subject, body, headers=headers, timeout=self.config.publish_timeout)
-            answer = json.loads(reply.data)
-            if not isinstance(answer, dict) or answer.get("error") or answer.get("duplicate"):
-                # Refused, or a duplicate, whose ack says nothing about the
-                # records before it: the marks are checked and the round
-                # goes again.
-                raise _ChainBroken(str(answer.get("error") if isinstance(answer, dict) else answer))
-            self._last_id = message_id
-
     async def _mark(self, device_id: str) -> ForwardingState:
         """A copy of the device's forwarding state, its mark no lower than
         the stream's when there is reason to doubt it."""
         cached = self._marks.get(device_id)
-        if cached is not None:
-            state = replace(cached[0], gaps=list(cached[0].gaps))
-            if device_id not in self._verify:
-                return state
-        else:
-            state, revision = await self._load(device_id)
-            self._marks[device_id] = (state, revision)
-            state = replace(state, gaps=list(state.gaps))
+        if cached is None:
+            loaded, revision = await self._load(device_id)
+            cached = self._marks[device_id] = (loaded or ForwardingState(id=device_id), revision)
+        elif device_id not in self._verify:
+            return cached[0].copy()
+        state = cached[0].copy()
         # The stream has the last word: a holder that stopped between
         # storing a round and saving the marks left the bucket behind, and a
         # round that failed may have stored a prefix of its records.
@@ -421,16 +411,18 @@ class BatchSplitter:
             pass  # not something the splitter stored
         return state
 
-    async def _load(self, device_id: str) -> tuple[ForwardingState, int]:
+    async def _load(self, device_id: str) -> tuple[ForwardingState | None, int]:
+        """The device's state in the bucket (None: none, or unreadable) and
+        the revision to update."""
         assert self._state is not None
         try:
             entry = await self._state.get(device_id)
         except KeyNotFoundError:
-            return ForwardingState(id=device_id), 0
+            return None, 0
         try:
             return ForwardingState.from_json(entry.value or b""), entry.revision or 0
         except ValueError:
-            return ForwardingState(id=device_id), entry.revision or 0
+            return None, entry.revision or 0
 
     async def _save_due(self, now: bool = False) -> None:
         # The bucket holds counts for people and the mark for the next
@@ -464,8 +456,10 @@ class BatchSplitter:
 
 __all__ = [
     "BatchSplitter",
+    "ChainBroken",
     "SPLITTER_CONSUMER",
     "SplitterConfig",
     "SplitterCounters",
     "batch_stream_config",
+    "publish_chain",
 ]

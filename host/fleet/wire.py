@@ -9,7 +9,7 @@ fleet API.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 # Telemetry fields the firmware sends (firmware/device.py, telemetry.py) and
@@ -311,6 +311,10 @@ class ForwardingState:
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    def copy(self) -> ForwardingState:
+        """A copy to change without touching this one (gaps included)."""
+        return replace(self, gaps=list(self.gaps))
 
 
 __all__ = [
