@@ -10,6 +10,7 @@ import queue
 import time
 from collections.abc import Iterator
 
+import nats
 import paho.mqtt.client as mqtt
 import pytest
 from support import GatewayThread, stored_readings, wait_for
@@ -167,8 +168,6 @@ def test_a_record_stored_by_someone_else_between_rounds_breaks_the_chain_and_the
     assert board.ack() == 2
 
     async def foreign() -> None:
-        import nats
-
         nc = await nats.connect(server.url)
         try:
             await nc.jetstream().publish("fleet.dev-2.telemetry", b'{"seq": 1}')
