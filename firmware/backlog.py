@@ -8,7 +8,8 @@
 #
 # Flash-aware: LittleFS rewrites the last block of a file on every sync, so
 # records are gathered in RAM and written every `flush_records` records or
-# `flush_ms` milliseconds, whichever comes first. A power cut loses at most
+# `flush_ms` milliseconds, whichever comes first (or when the RAM buffer,
+# `pending_bytes`, is full). A power cut loses at most
 # the unflushed records; a torn record at the end of a segment fails its
 # CRC and is never forwarded. Every boot starts a fresh segment, so a torn
 # tail is never appended to.
@@ -35,13 +36,20 @@ def _name(number):
 
 
 class BacklogLog:
-    def __init__(self, folder="log", budget=256 * 1024, segment_size=16 * 1024, flush_records=16, flush_ms=1000):
+    def __init__(self, folder="log", budget=256 * 1024, segment_size=16 * 1024, flush_records=16, flush_ms=1000,
+                 pending_bytes=3072):
         self.folder = folder
         self.budget = budget
         self.segment_size = segment_size
         self.flush_records = flush_records
         self.flush_ms = flush_ms
-        self.pending = bytearray()  # records gathered in RAM, not yet on flash
+        # Records gathered in RAM, not yet on flash: pending[pending_start:
+        # pending_len]. Allocated once: recording then never asks the heap
+        # for a growing block, which a heap fragmented by a busy forwarder
+        # cannot always give (readings were lost to MemoryError that way).
+        self.pending = bytearray(max(pending_bytes, _HEADER + _MAX_RECORD))
+        self.pending_start = 0  # records before it were acknowledged from RAM
+        self.pending_len = 0
         self.pending_count = 0
         self.pending_since = 0
         self.dropped = 0  # records lost to the budget or a full filesystem (persisted)
@@ -51,7 +59,6 @@ class BacklogLog:
         self.unsent = 0  # flushed records not yet acknowledged
         self.flushes = 0  # a RAM batch handed out before a flush is stale after it
         self._corrupt_at = None
-        self.header = bytearray(_HEADER)
         try:
             os.mkdir(folder)
         except OSError:
@@ -79,13 +86,16 @@ class BacklogLog:
         n = len(body)
         if n > _MAX_RECORD:
             raise ValueError("record of %d bytes is over %d" % (n, _MAX_RECORD))
+        if self.pending_len + _HEADER + n > len(self.pending):
+            self.flush()  # the buffer is full: out to flash first
         if not self.pending_count:
             self.pending_since = ticks_ms()
-        struct.pack_into("<HI", self.header, 0, n, binascii.crc32(body))
-        # One extend of header and body together: if the heap cannot take
-        # it (MemoryError), the log is left as it was, never with a header
-        # and no body.
-        self.pending.extend(self.header + body)
+        at = self.pending_len
+        struct.pack_into("<HI", self.pending, at, n, binascii.crc32(body))
+        self.pending[at + _HEADER:at + _HEADER + n] = body
+        # Counted only now, whole: if anything above fails, the record is
+        # not in the log, never a header without its body.
+        self.pending_len = at + _HEADER + n
         self.pending_count += 1
         if self.pending_count >= self.flush_records:
             self.flush()
@@ -96,7 +106,7 @@ class BacklogLog:
     def flush(self):
         if not self.pending_count:
             return
-        size = len(self.pending)
+        size = self.pending_len - self.pending_start
         if self.active_size and self.active_size + size > self.segment_size:
             self.active += 1
             self.active_size = 0
@@ -126,18 +136,19 @@ class BacklogLog:
         self.active_size = 0
 
     def _write_active(self):
+        size = self.pending_len - self.pending_start
         with open(self._path(self.active), "ab") as f:
-            f.write(self.pending)
+            f.write(memoryview(self.pending)[self.pending_start:self.pending_len])
         if not self.segments or self.segments[-1] != self.active:
             self.segments.append(self.active)
-        self.active_size += len(self.pending)
-        self.flash_bytes += len(self.pending)
+        self.active_size += size
+        self.flash_bytes += size
         self.records_flushed += self.pending_count
         self.unsent += self.pending_count
         self.flushes += 1
 
     def _clear_pending(self):
-        self.pending = bytearray()
+        self.pending_start = self.pending_len = 0
         self.pending_count = 0
 
     def _make_room(self, incoming):
@@ -192,8 +203,8 @@ class BacklogLog:
         bodies = []
         used = 0
         pending = self.pending
-        at = 0
-        while at < len(pending):
+        at = self.pending_start
+        while at < self.pending_len:
             n = pending[at] | (pending[at + 1] << 8)
             if bodies and used + n > max_bytes:
                 break
@@ -203,17 +214,17 @@ class BacklogLog:
         return bodies, (None, len(bodies), at, self.flushes)
 
     def ack(self, token):
-        position, count, ram_bytes = token[:3]
+        position, count, ram_end = token[:3]
         if position is not None:
             self.commit(position, count)
         elif token[3] != self.flushes:
             pass  # flushed meanwhile: they are on flash now and go again from there
         elif count:
             # Acknowledged straight from RAM: these never need to reach flash.
-            self.pending = self.pending[ram_bytes:]
+            self.pending_start = ram_end
             self.pending_count -= count
             if not self.pending_count:
-                self.pending = bytearray()
+                self._clear_pending()
 
     def read_batch(self, max_bytes, start=None):
         # Returns (bodies, position after them), from the cursor or from

@@ -2,6 +2,7 @@
 # the byte budget.
 import os
 
+import micropython
 from backlog import BacklogLog
 
 
@@ -241,3 +242,26 @@ def test_batches_in_flight_follow_each_other_and_one_ack_covers_them():
     log.ack((tokens[2][0], covered, 0, 0))
     assert log.backlog() == 30 - covered
     assert drain(log) == [body(i) for i in range(covered, 30)]
+
+
+def test_recording_into_ram_asks_the_heap_for_nothing():
+    # The RAM buffer is allocated once: a reading is kept even when the heap
+    # cannot give a single block (a heap fragmented by a busy forwarder).
+    log = BacklogLog(flush_records=16, flush_ms=60000)
+    bodies = [body(i) for i in range(10)]
+    micropython.heap_lock()
+    try:
+        for b in bodies:
+            log.append(b)
+    finally:
+        micropython.heap_unlock()
+    assert log.backlog() == 10
+    assert drain(log) == bodies
+
+
+def test_a_full_ram_buffer_goes_to_flash_before_the_count_is_reached():
+    log = BacklogLog(flush_records=256, flush_ms=60000, pending_bytes=1030)
+    for i in range(40):  # 33 bytes each with their header: the buffer holds 31
+        log.append(body(i))
+    assert log.records_flushed == 31 and log.backlog() == 40
+    assert drain(log) == [body(i) for i in range(40)]
