@@ -2,8 +2,8 @@
 
 Each test is a plain function running one coroutine; every wait is a poll of
 a condition with a deadline. Stand-in devices publish exactly what
-firmware/device.py publishes (birth and last will on status, readings on
-telemetry), QoS 1, status retained.
+firmware/device.py publishes (birth and last will on status, readings in
+batches), QoS 1, status retained.
 """
 from __future__ import annotations
 
@@ -28,16 +28,16 @@ import pytest
 
 from fleet import __version__
 from fleet.cli import main
+from fleet.forwarding import SPLITTER_CONSUMER
 from fleet.gateway import (
     PRESENCE_CONSUMER,
-    TELEMETRY_CONSUMER,
     DeviceEvent,
     Gateway,
     GatewayConfig,
     apply_events,
 )
 from fleet.inventory import ApiError, DeviceNotFound, GatewayNotRunning, fetch_device, fetch_devices
-from fleet.protocol import PRESENCE_STREAM, TELEMETRY_STREAM, mqtt_topic, nats_subject
+from fleet.protocol import BATCH_STREAM, PRESENCE_STREAM, TELEMETRY_STREAM, mqtt_topic, nats_subject
 from fleet.server import NatsServer
 from fleet.wire import DeviceRecord, Presence, TelemetryReading
 
@@ -96,9 +96,9 @@ class StandInDevice:
         assert info.is_published(), f"{self.id}: no PUBACK for {topic}"
 
     def reading(self, seq: int, temp_c: float = 23.31) -> None:
-        self.publish("telemetry", json.dumps(
-            {"seq": seq, "ts": None, "boot": self.boots, "uptime_s": seq, "heap_free": 81152, "temp_c": temp_c, "rssi": -68}
-        ).encode())
+        """One reading, forwarded as the firmware forwards its log: a batch."""
+        record = {"seq": seq, "ts": None, "boot": self.boots, "uptime_s": seq, "heap_free": 81152, "temp_c": temp_c, "rssi": -68}
+        self.publish("batch", json.dumps({"records": [record], "dropped": 0, "backlog": 0}).encode())
 
     def crash(self) -> None:
         """Drop the TCP connection without DISCONNECT, as a board losing power does: the will fires."""
@@ -158,7 +158,7 @@ def free_closed_port() -> int:
 # -- the registry from MQTT -------------------------------------------------------------
 
 
-def test_telemetry_over_mqtt_is_stored_and_the_registry_shows_the_device(server: NatsServer) -> None:
+def test_readings_over_mqtt_are_stored_and_the_registry_shows_the_device(server: NatsServer) -> None:
     async def scenario() -> None:
         async with running_gateway(server), devices(server, "dev-a") as (device,):
             before = time.time()
@@ -171,13 +171,18 @@ def test_telemetry_over_mqtt_is_stored_and_the_registry_shows_the_device(server:
                 js = nc.jetstream()
 
                 async def three_stored() -> bool:
-                    last = await js.get_last_msg(TELEMETRY_STREAM, nats_subject("dev-a", "telemetry"))
                     info = await js.stream_info(TELEMETRY_STREAM)
+                    if info.state.messages < 3:
+                        return False
+                    last = await js.get_last_msg(TELEMETRY_STREAM, nats_subject("dev-a", "telemetry"))
                     return info.state.messages == 3 and json.loads(last.data or b"")["seq"] == 3
 
                 await eventually(three_stored, "three readings in FLEET_TELEMETRY")
 
                 record = await record_where(server, "dev-a", "online with seq 3", online=True, last_seq=3)
+                # The splitter told the registry which stored message the reading is.
+                last = await js.get_last_msg(TELEMETRY_STREAM, nats_subject("dev-a", "telemetry"))
+                assert record.telemetry_stream_seq == last.seq
                 assert (record.board, record.firmware, record.boots, record.reset) == ("sim", "0.1.0", 1, "power_on")
                 assert record.last_telemetry is not None and record.last_telemetry["temp_c"] == 23.0
                 assert record.last_seen is not None and record.since is not None
@@ -241,7 +246,7 @@ def test_restarted_gateway_catches_up_with_what_happened_while_it_was_down(serve
 
                     async def all_acked() -> bool:
                         infos = [
-                            await js.consumer_info(TELEMETRY_STREAM, TELEMETRY_CONSUMER),
+                            await js.consumer_info(BATCH_STREAM, SPLITTER_CONSUMER),
                             await js.consumer_info(PRESENCE_STREAM, PRESENCE_CONSUMER),
                         ]
                         return all(i.num_pending == 0 and i.num_ack_pending == 0 for i in infos)
@@ -286,16 +291,16 @@ def test_two_gateways_at_once_split_the_work_without_losing_updates(server: Nats
                     for device in stand_ins:
                         device.reading(seq)
                         if seq % (readings // bad_payloads) == 0:
-                            device.publish("telemetry", b"{broken")
+                            device.publish("batch", b"{broken")
 
                 for device in stand_ins:
                     # Every malformed payload counted once: no update lost to the other instance.
                     await record_where(server, device.id, "all readings in", online=True,
                                        last_seq=readings, malformed=bad_payloads)
                 # An older batch may still be on its way after a newer one was written.
-                published = len(stand_ins) * (1 + readings + bad_payloads)
-                await eventually(lambda: sum(g.counters.messages for g in (first, second)) == published,
-                                 "every message processed exactly once by one of the two")
+                births = len(stand_ins)
+                await eventually(lambda: sum(g.counters.messages for g in (first, second)) == births,
+                                 "every status message processed exactly once by one of the two")
 
                 nc = await nats.connect(server.url)
                 try:
@@ -314,22 +319,25 @@ def test_two_gateways_at_once_split_the_work_without_losing_updates(server: Nats
 
 
 def test_malformed_payloads_are_counted_and_the_gateway_keeps_working(server: NatsServer) -> None:
-    bad_telemetry = [
+    bad_batches = [
         b"not json",
         b"[1, 2]",
-        b'{"seq": "7"}',
-        b'{"seq": true}',
-        b'{"temp_c": 1.5}',
-        b'{"seq": 3, "temp_c": NaN}',
+        b'{"records": "7"}',
+        b'{"records": [], "dropped": -1}',
+        b'{"records": [], "prev": true}',
+        b'{"records": [{"seq": 3, "temp_c": NaN}]}',
         b"\xff\xfe",
     ]
+    # Bad readings inside a good batch: each counted, the good one stored.
+    bad_records = [{"seq": "7"}, {"seq": True}, {"temp_c": 1.5}, [1, 2]]
     bad_status = [b'{"online": "yes"}', b'{"online": true, "id": "someone-else"}']
 
     async def scenario() -> None:
         async with running_gateway(server) as gateway, devices(server, "dev-a") as (device,):
             device.connect()
-            for payload in bad_telemetry:
-                device.publish("telemetry", payload)
+            for payload in bad_batches:
+                device.publish("batch", payload)
+            device.publish("batch", json.dumps({"records": [*bad_records, {"seq": 1}]}).encode())
             for payload in bad_status:
                 device.publish("status", payload, retain=True)
             device.reading(2)
@@ -340,15 +348,37 @@ def test_malformed_payloads_are_counted_and_the_gateway_keeps_working(server: Na
             finally:
                 too_long.close()
 
-            malformed = len(bad_telemetry) + len(bad_status)
+            malformed = len(bad_batches) + len(bad_records) + len(bad_status)
             record = await record_where(server, "dev-a", "malformed counted", last_seq=2, malformed=malformed)
             assert record.online is True  # the bad status messages did not count as presence
             await eventually(lambda: gateway.counters.rejected == 1, "the long id rejected")
-            assert gateway.counters.malformed == malformed
+            assert gateway.counters.malformed == len(bad_status)  # the batches are the splitter's
+            assert gateway.splitter is not None
+            assert gateway.splitter.counters.malformed == len(bad_batches) + len(bad_records)
             assert [r.id for r in await fetch_devices(server.url)] == ["dev-a"]
 
             device.reading(3)  # still working
             await record_where(server, "dev-a", "a reading after the bad ones", last_seq=3)
+
+    asyncio.run(scenario())
+
+
+def test_the_retired_consumer_that_read_every_reading_is_deleted(server: NatsServer) -> None:
+    # Gateways before the splitter fed the registry kept a durable consumer
+    # on FLEET_TELEMETRY; left behind, the server would keep its place and
+    # its pending count forever.
+    async def scenario() -> None:
+        async with running_gateway(server):
+            pass
+        nc = await nats.connect(server.url)
+        try:
+            js = nc.jetstream()
+            await js.add_consumer(TELEMETRY_STREAM, durable_name="fleet-gateway-telemetry")
+            assert (await js.stream_info(TELEMETRY_STREAM)).state.consumer_count == 1
+            async with running_gateway(server):
+                assert (await js.stream_info(TELEMETRY_STREAM)).state.consumer_count == 0
+        finally:
+            await nc.close()
 
     asyncio.run(scenario())
 
@@ -394,8 +424,8 @@ def test_cli_devices_and_tail_print_what_was_published(server: NatsServer, capsy
                 "DEVICE", "ONLINE", "BOARD", "FIRMWARE", "BOOTS", "LAST", "SEEN", "SEQ", "TEMP", "BACKLOG", "DROPPED"
             ]
             assert row_a.split()[:5] == ["dev-a", "yes", "sim", "0.1.0", "1"]
-            # Readings published straight to telemetry: no forwarding state.
-            assert row_a.split()[-5:] == ["ago", "4", "21.5", "-", "-"]
+            # The batches said nothing was waiting and nothing was dropped.
+            assert row_a.split()[-5:] == ["ago", "4", "21.5", "0", "0"]
 
             # History: the last two readings of dev-a, although dev-b's came after them.
             argv = ["tail", "dev-a", "--nats", server.url, "--last", "2", "--count", "2", "--json"]
@@ -418,6 +448,10 @@ def test_cli_devices_and_tail_print_what_was_published(server: NatsServer, capsy
                 await eventually(tail_subscribed, "the tail's consumer")
                 dev_a.reading(5)
                 dev_b.reading(10)
+                # Stored by the splitter, then something that is not a
+                # reading published straight to the stream's subject.
+                await record_where(server, "dev-a", "seq 5", last_seq=5)
+                await record_where(server, "dev-b", "seq 10", last_seq=10)
                 dev_a.publish("telemetry", b"oops")
                 assert await asyncio.wait_for(tail, 15) == 0
             finally:

@@ -133,7 +133,7 @@ def python_publish_ceiling(server: NatsServer, count: int, per_round: int = PYTH
             previous = None
             for first in range(0, count, per_round):
                 round_ = [("bench.py", body, f"b:{n}") for n in range(first, min(first + per_round, count))]
-                previous = await publish_chain(nc, round_, previous, 10)
+                previous, _ = await publish_chain(nc, round_, previous, 10)
             return count / (time.perf_counter() - started)
         finally:
             await nc.close()

@@ -45,7 +45,7 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -94,6 +94,16 @@ class SplitterCounters:
     failed: int = 0  # rounds that failed and were retried (JetStream unavailable)
 
 
+@dataclass
+class DeviceRound:
+    """What one round did for one device: the registry's news."""
+
+    seen_at: float  # JetStream timestamp of the device's newest batch in the round
+    newest: bytes | None = None  # its newest reading now stored, as stored
+    newest_stream_seq: int = 0  # that reading's sequence in FLEET_TELEMETRY
+    malformed: list[str] = field(default_factory=list)  # why each bad batch or record was left out
+
+
 def batch_stream_config(config: SplitterConfig) -> api.StreamConfig:
     return api.StreamConfig(
         name=BATCH_STREAM,
@@ -107,9 +117,13 @@ def batch_stream_config(config: SplitterConfig) -> api.StreamConfig:
     )
 
 
-async def publish_chain(nc: Client, records: list[tuple[str, bytes, str]], after: str | None, timeout: float) -> str:
+async def publish_chain(
+    nc: Client, records: list[tuple[str, bytes, str]], after: str | None, timeout: float
+) -> tuple[str, int]:
     """Store `records` (subject, body, message id) in order, with one ack
-    for all of them; returns the last one's message id.
+    for all of them; returns the last one's message id and stream sequence.
+    The chain makes the records contiguous in the stream: the one `k` places
+    before the last has sequence `last - k`.
 
     Each record names the one before it (`Nats-Expected-Last-Msg-Id`; the
     first names `after`, the message id of what the stream holds last, when
@@ -132,16 +146,27 @@ async def publish_chain(nc: Client, records: list[tuple[str, bytes, str]], after
             # Refused, or a duplicate, whose ack says nothing about the
             # records before it.
             raise ChainBroken(str(answer.get("error") if isinstance(answer, dict) else answer))
-    return previous or ""
+        return message_id, int(answer.get("seq", 0))
+    return previous or "", 0
 
 
 class BatchSplitter:
     """Runs inside a gateway; only the lease holder splits."""
 
-    def __init__(self, nc: Client, js: JetStreamContext, config: SplitterConfig) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        config: SplitterConfig,
+        on_round: Callable[[dict[str, DeviceRound]], None] | None = None,
+    ) -> None:
         self.nc = nc
         self.js = js
         self.config = config
+        # Told, after each round is stored, what it did per device: the
+        # registry learns the newest readings here rather than by reading
+        # every stored one back from the stream.
+        self.on_round = on_round
         self.counters = SplitterCounters()
         self.instance = uuid.uuid4().hex[:12]
         self.leader = False
@@ -294,7 +319,7 @@ class BatchSplitter:
         attempts = 0
         while True:
             try:
-                stored = await self._split(messages)
+                stored, news = await self._split(messages)
             except Exception as error:
                 attempts += 1
                 self.counters.failed += 1
@@ -319,15 +344,20 @@ class BatchSplitter:
             # duplicates and holes too, so a board that missed one catches up.
             for device_id, last_seq in stored.items():
                 await quietly(self.nc.publish(nats_subject(device_id, "ack"), str(last_seq).encode()))
+            if self.on_round is not None:
+                self.on_round(news)
             return
 
-    async def _split(self, messages: list[Msg]) -> dict[str, int]:
+    async def _split(self, messages: list[Msg]) -> tuple[dict[str, int], dict[str, DeviceRound]]:
         """Forward a round of batches in order, then move the devices' marks.
 
-        Returns the last sequence now stored for every device in the round.
+        Returns the last sequence now stored for every device in the round,
+        and what the round did for each.
         """
         records: list[tuple[str, bytes, str]] = []  # subject, body, message id
         touched: dict[str, ForwardingState] = {}
+        news: dict[str, DeviceRound] = {}
+        newest_at: dict[str, int] = {}  # device id -> index in records of its newest reading
         gaps_before: dict[str, int] = {}
         forwarded = duplicates = malformed = holes = 0
         for message in messages:
@@ -337,13 +367,19 @@ class BatchSplitter:
                 state = touched[device_id] = await self._mark(device_id)
                 gaps_before[device_id] = len(state.gaps)
             state.batches += 1
+            seen = news.get(device_id)
+            if seen is None:
+                seen = news[device_id] = DeviceRound(0.0)
+            seen.seen_at = message.metadata.timestamp.timestamp()
             try:
                 batch = ReadingBatch.parse(message.data)
             except MalformedPayload as bad:
                 state.malformed += 1
                 malformed += 1
+                seen.malformed.append(str(bad.args[0]))
                 log.warning("device %s: malformed batch (%s): %r", device_id, bad.args[0], message.data[:120])
                 continue
+            seen.malformed.extend(["a record is not a reading"] * batch.malformed)
             if batch.prev > state.last_seq:
                 # The batch before this one never reached the stream: store
                 # nothing past the hole; the board sends both again.
@@ -361,6 +397,7 @@ class BatchSplitter:
                 state.dropped = batch.dropped
             if fresh:
                 state.last_seq = fresh[-1].seq
+                newest_at[device_id] = len(records) - 1
             state.forwarded += len(fresh)
             state.duplicates += len(batch.records) - len(fresh)
             state.malformed += batch.malformed
@@ -370,10 +407,15 @@ class BatchSplitter:
             malformed += batch.malformed
         if records:
             try:
-                self._last_id = await publish_chain(self.nc, records, self._last_id, self.config.publish_timeout)
+                self._last_id, last_stream_seq = await publish_chain(
+                    self.nc, records, self._last_id, self.config.publish_timeout
+                )
             except BaseException:
                 self._last_id = None  # what the stream holds last is unknown now
                 raise
+            for device_id, index in newest_at.items():
+                news[device_id].newest = records[index][1]
+                news[device_id].newest_stream_seq = last_stream_seq - (len(records) - 1 - index)
         for device_id, state in touched.items():
             self._marks[device_id] = (state, self._marks[device_id][1])
             self._verify.discard(device_id)
@@ -387,7 +429,7 @@ class BatchSplitter:
         counters.duplicates += duplicates
         counters.malformed += malformed
         counters.holes += holes
-        return {device_id: state.last_seq for device_id, state in touched.items()}
+        return {device_id: state.last_seq for device_id, state in touched.items()}, news
 
     async def _mark(self, device_id: str) -> ForwardingState:
         """A copy of the device's forwarding state, its mark no lower than
@@ -457,6 +499,7 @@ class BatchSplitter:
 __all__ = [
     "BatchSplitter",
     "ChainBroken",
+    "DeviceRound",
     "SPLITTER_CONSUMER",
     "SplitterConfig",
     "SplitterCounters",

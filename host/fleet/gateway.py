@@ -1,15 +1,19 @@
 """The gateway: from the boards' MQTT topics to a device registry and the fleet API.
 
 The boards publish MQTT to nats-server's MQTT listener, which turns every
-publish into a NATS message on fleet.<id>.<topic>. Two JetStream streams
-capture those subjects by themselves (FLEET_TELEMETRY, FLEET_PRESENCE), so
-nothing is lost while no gateway runs. The gateway:
+publish into a NATS message on fleet.<id>.<topic>. JetStream streams capture
+those subjects by themselves (FLEET_PRESENCE, and FLEET_BATCHES for the
+readings), so nothing is lost while no gateway runs. The gateway:
 
 - creates or updates the streams and the `fleet_devices` KV bucket;
-- reads both streams through durable pull consumers shared by every gateway
-  instance, folds each fetched batch into one record per device and writes it
-  with optimistic concurrency, then acks; a restarted gateway resumes where
-  the consumers stand, and several instances split the work;
+- reads FLEET_PRESENCE through a durable pull consumer shared by every
+  gateway instance, folds each fetched batch into one record per device and
+  writes it with optimistic concurrency, then acks; a restarted gateway
+  resumes where the consumer stands, and several instances split the work;
+- splits the readings' batches into FLEET_TELEMETRY (forwarding.py) and
+  writes each device's newest reading into its record as it goes: the
+  registry never reads the readings back, which at tens of thousands a
+  second would cost more than storing them;
 - serves the registry as the NATS micro service `fleet` (fleet-api.devices,
   fleet-api.device).
 
@@ -31,6 +35,7 @@ from nats.js.errors import (
     APIError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
+    NotFoundError,
 )
 from nats.js.kv import KeyValue
 from nats.micro import add_service
@@ -40,7 +45,7 @@ from nats.micro.service import Service
 from . import __version__
 from .commands import CommandRelay, results_stream_config
 from .configpush import ConfigPublisher, reports_stream_config
-from .forwarding import BatchSplitter, SplitterConfig
+from .forwarding import BatchSplitter, DeviceRound, SplitterConfig
 from .configcli import config_view
 from .inventory import read_registry
 from .jetstream import ensure_bucket, quietly
@@ -61,7 +66,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "fleet"
 PRESENCE_CONSUMER = "fleet-gateway-presence"
-TELEMETRY_CONSUMER = "fleet-gateway-telemetry"
+# Earlier gateways read every stored reading through this consumer; deleted
+# at start so the server stops keeping its place.
+_RETIRED_TELEMETRY_CONSUMER = "fleet-gateway-telemetry"
 
 # JSStreamNameExistErr: the stream exists with another configuration.
 _STREAM_EXISTS_WITH_OTHER_CONFIG = 10058
@@ -100,7 +107,7 @@ class GatewayCounters:
     malformed: int = 0
     rejected: int = 0  # subjects without a valid device id: nowhere to count them
     conflicts: int = 0  # KV writes retried because another instance wrote first
-    failed_writes: int = 0  # batches left unacked for redelivery
+    failed_writes: int = 0  # registry writes that failed: presence left for redelivery, readings retried
 
 
 @dataclass(frozen=True)
@@ -174,7 +181,7 @@ def device_id_of(subject: str) -> str | None:
 class _StreamFeed:
     """One stream the gateway follows and how its messages are decoded."""
 
-    kind: str  # "presence" or "telemetry"
+    kind: str  # "presence"
     stream: str
     subject: str
     durable: str
@@ -200,10 +207,10 @@ class Gateway:
         self._consumer_tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
-        self._feeds = (
-            _StreamFeed("presence", PRESENCE_STREAM, nats_subject("*", "status"), PRESENCE_CONSUMER),
-            _StreamFeed("telemetry", TELEMETRY_STREAM, nats_subject("*", "telemetry"), TELEMETRY_CONSUMER),
-        )
+        self._feeds = (_StreamFeed("presence", PRESENCE_STREAM, nats_subject("*", "status"), PRESENCE_CONSUMER),)
+        # What the splitter's rounds did, per device, not yet in the registry.
+        self._forwarded: dict[str, list[DeviceEvent]] = {}
+        self._forwarded_ready = asyncio.Event()
 
     @property
     def service_id(self) -> str | None:
@@ -230,7 +237,11 @@ class Gateway:
             for stream in (self._telemetry_stream_config(), self._presence_stream_config()):
                 await self._ensure_stream(stream)
             self._kv = await ensure_bucket(self._js, DEVICES_BUCKET, "one record per device, kept by the fleet gateway")
-            self.splitter = BatchSplitter(self._nc, self._js, self.config.splitter)
+            try:
+                await self._js.delete_consumer(TELEMETRY_STREAM, _RETIRED_TELEMETRY_CONSUMER)
+            except NotFoundError:
+                pass
+            self.splitter = BatchSplitter(self._nc, self._js, self.config.splitter, on_round=self._note_round)
             await self.splitter.start(self._ensure_stream)
             await self._ensure_stream(reports_stream_config())
             await self._ensure_stream(results_stream_config())
@@ -247,6 +258,9 @@ class Gateway:
                 asyncio.create_task(self._consume(feed, subscription), name=f"fleet-gateway-{feed.kind}")
                 for feed, subscription in zip(self._feeds, subscriptions)
             ]
+            self._consumer_tasks.append(
+                asyncio.create_task(self._write_forwarded(), name="fleet-gateway-forwarded")
+            )
             # Registered last: a gateway that answers is one that is consuming.
             self._service = await add_service(
                 self._nc,
@@ -290,6 +304,12 @@ class Gateway:
             for task in unfinished:
                 task.cancel()
             await asyncio.gather(*self._consumer_tasks, return_exceptions=True)
+        if self._forwarded:
+            # The splitter's last rounds, after the writer stopped.
+            try:
+                await asyncio.wait_for(self._flush_forwarded(), 5)
+            except Exception as error:
+                log.warning("registry: the newest readings were not written (%s)", error)
         try:
             # Acks are fire-and-forget publishes: flush them before closing so
             # the next instance does not get the same messages again.
@@ -391,8 +411,7 @@ class Gateway:
         self, feed: _StreamFeed, subscription: JetStreamContext.PullSubscription
     ) -> JetStreamContext.PullSubscription:
         try:
-            stream = self._telemetry_stream_config() if feed.kind == "telemetry" else self._presence_stream_config()
-            await self._ensure_stream(stream)
+            await self._ensure_stream(self._presence_stream_config())
             fresh = await self._subscribe(feed)
         except Exception as error:
             log.warning("%s: cannot set up the consumer again: %s", feed.kind, error)
@@ -414,9 +433,7 @@ class Gateway:
         at = metadata.timestamp.timestamp()
         stream_seq = metadata.sequence.stream
         try:
-            if feed.kind == "presence":
-                return DeviceEvent(at, stream_seq, presence=Presence.parse(device_id, message.data))
-            return DeviceEvent(at, stream_seq, reading=TelemetryReading.parse(message.data))
+            return DeviceEvent(at, stream_seq, presence=Presence.parse(device_id, message.data))
         except MalformedPayload as error:
             self.counters.malformed += 1
             log.warning(
@@ -450,6 +467,61 @@ class Gateway:
             return
         for _, message in items:
             await quietly(message.ack())
+
+    # -- the readings, from the splitter ---------------------------------------------
+    def _note_round(self, news: dict[str, DeviceRound]) -> None:
+        """Called by the splitter after each stored round: queue the news.
+
+        Only the newest reading per device is kept, as apply_events would
+        keep only it anyway; the writes happen in _write_forwarded, so the
+        splitter never waits for the registry.
+        """
+        for device_id, round_ in news.items():
+            events = self._forwarded.setdefault(device_id, [])
+            events.extend(DeviceEvent(round_.seen_at, 0, malformed=why) for why in round_.malformed)
+            if round_.newest is None:
+                continue
+            try:
+                reading = TelemetryReading.parse(round_.newest)
+            except MalformedPayload:
+                continue  # cannot happen: the splitter stores only readings it parsed
+            events[:] = [event for event in events if event.reading is None]
+            events.append(DeviceEvent(round_.seen_at, round_.newest_stream_seq, reading=reading))
+        if news:
+            self._forwarded_ready.set()
+
+    async def _write_forwarded(self) -> None:
+        backoff = 0.5
+        while not self._stopping.is_set():
+            if not self._forwarded:
+                try:
+                    await asyncio.wait_for(self._forwarded_ready.wait(), self.config.fetch_wait)
+                except asyncio.TimeoutError:
+                    continue
+            if await self._flush_forwarded():
+                backoff = 0.5
+                continue
+            await self._sleep_unless_stopping(backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    async def _flush_forwarded(self) -> bool:
+        """Write the queued news into the registry; False if a write failed."""
+        self._forwarded_ready.clear()
+        pending, self._forwarded = self._forwarded, {}
+        outcomes = await asyncio.gather(
+            *(self._write_record(device_id, events) for device_id, events in pending.items()),
+            return_exceptions=True,
+        )
+        written = True
+        for (device_id, events), outcome in zip(pending.items(), outcomes):
+            if isinstance(outcome, BaseException):
+                # The readings are stored; only the registry's view of them
+                # waits. Put the news back with anything newer.
+                written = False
+                self.counters.failed_writes += 1
+                log.warning("device %s: registry write failed (%s); will retry", device_id, outcome)
+                self._forwarded[device_id] = [*events, *self._forwarded.get(device_id, [])]
+        return written
 
     async def _write_record(self, device_id: str, events: list[DeviceEvent]) -> DeviceRecord:
         assert self._kv is not None
@@ -596,7 +668,6 @@ __all__ = [
     "GatewayCounters",
     "PRESENCE_CONSUMER",
     "SERVICE_NAME",
-    "TELEMETRY_CONSUMER",
     "apply_events",
     "device_id_of",
 ]
