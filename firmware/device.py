@@ -310,7 +310,7 @@ class Device:
                 if not bodies:
                     break
                 prev = inflight[-1][0] if inflight else -1
-                payload = self._batch(bodies, prev, len(inflight))
+                payload = self._batch(bodies, prev, len(inflight), limit)
                 if not link.publish(self.topics["batch"], payload, False, 1):
                     return resend_at, misses  # the link is down; all of it goes again on the next connection
                 inflight.append((_seq_of(bodies[-1]), token))
@@ -371,19 +371,21 @@ class Device:
             dog.feed()
             await asyncio.sleep_ms(1000)
 
-    def _batch(self, bodies, prev, inflight):
+    def _batch(self, bodies, prev, inflight, limit):
         # Built in one buffer kept for the device's life, not by joining
         # (three copies of up to batch_bytes each): on a fragmented heap the
-        # forwarder then asks for nothing big per batch. The records are
-        # JSON already. Returns a view: publish() copies it out before the
-        # next batch is built.
+        # forwarder then asks for nothing big per batch. The buffer is sized
+        # for the forwarder's current limit, which a MemoryError here halves:
+        # sized for the setting, it would fail again at every smaller limit.
+        # The records are JSON already. Returns a view: publish() copies it
+        # out before the next batch is built.
         log_ = self.backlog
         waiting = max(0, log_.backlog() - len(bodies) * (inflight + 1))  # about: batches differ in size
         head = b'{"prev": %d, "dropped": %d, "backlog": %d, "records": [' % (prev, log_.dropped, waiting)
         size = len(head) + sum(len(b) for b in bodies) + len(bodies) + 2
         buf = self.batch_buffer
         if buf is None or len(buf) < size:
-            buf = self.batch_buffer = bytearray(max(size, self.settings["batch_bytes"] + 128))
+            buf = self.batch_buffer = bytearray(max(size, limit + 128))
         at = len(head)
         buf[:at] = head
         for i, body in enumerate(bodies):
