@@ -381,21 +381,25 @@ class Device:
         # out before the next batch is built.
         log_ = self.backlog
         waiting = max(0, log_.backlog() - len(bodies) * (inflight + 1))  # about: batches differ in size
-        head = b'{"prev": %d, "dropped": %d, "backlog": %d, "records": [' % (prev, log_.dropped, waiting)
-        size = len(head) + sum(len(b) for b in bodies) + len(bodies) + 2
+        # One record per line: JSON all the same, and the gateway takes each
+        # record's bytes as they are instead of parsing the batch whole and
+        # encoding every record again.
+        head = b'{"prev": %d, "dropped": %d, "backlog": %d, "records": [\n' % (prev, log_.dropped, waiting)
+        size = len(head) + sum(len(b) for b in bodies) + 2 * len(bodies) + 2
         buf = self.batch_buffer
         if buf is None or len(buf) < size:
-            buf = self.batch_buffer = bytearray(max(size, limit + 128))
+            buf = self.batch_buffer = bytearray(max(size, limit + 256))
         at = len(head)
         buf[:at] = head
-        for i, body in enumerate(bodies):
-            if i:
-                buf[at] = 44  # ","
-                at += 1
+        for body in bodies:
             buf[at:at + len(body)] = body
             at += len(body)
-        buf[at:at + 2] = b"]}"
-        return memoryview(buf)[:at + 2]
+            buf[at] = 44  # ","
+            buf[at + 1] = 10  # "\n"
+            at += 2
+        at -= 2  # no comma after the last record
+        buf[at:at + 3] = b"\n]}"
+        return memoryview(buf)[:at + 3]
 
     # -- incoming messages ---------------------------------------------------------
     def _on_message(self, topic, payload, discarded):

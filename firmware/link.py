@@ -51,9 +51,10 @@ class Link:
         self.on_message = on_message  # called as on_message(topic, payload, discarded_len)
         self.log = log
         self.keepalive_ms = settings["keepalive_s"] * 1000
-        # A batch packet: batch_bytes of readings, its JSON envelope, the
-        # topic and the MQTT header, rounded up to the buffer's 512-byte steps.
-        out_size = (settings["batch_bytes"] + 128 + 511) & ~511
+        # A batch packet: batch_bytes of readings (a comma and a newline
+        # after each), its JSON envelope, the topic and the MQTT header,
+        # rounded up to the buffer's 512-byte steps.
+        out_size = (settings["batch_bytes"] + 256 + 511) & ~511
         self.sockets = SocketFactory(settings["socket_timeout_ms"], settings["max_payload"], nodelay, out_size)
         self.subscriptions = []  # (topic, qos), restored on every connect
         self.birth = None  # payload (or a function making it) published retained on status_topic after connect

@@ -190,6 +190,23 @@ def test_batches_parse_into_records_with_their_own_bytes() -> None:
         ReadingBatch.parse(b'{"dropped": true, "records": []}')
 
 
+def test_the_firmware_layout_keeps_each_record_as_sent_and_a_corrupt_one_costs_only_itself() -> None:
+    # As firmware/device.py lays a batch out: one record per line.
+    sent = b'{"prev": 4, "dropped": 0, "backlog": 7, "records": [\n{"seq": 5, "t": 1.5},\n{"seq": 6,  "t": 2.0}\n]}'
+    batch = ReadingBatch.parse(sent)
+    assert (batch.prev, batch.backlog, batch.malformed) == (4, 7, 0)
+    assert [(r.seq, r.raw) for r in batch.records] == [(5, b'{"seq": 5, "t": 1.5}'), (6, b'{"seq": 6,  "t": 2.0}')]
+    # A torn record is not JSON, so neither is the batch: the others still go.
+    torn = sent.replace(b'{"seq": 5, "t": 1.5}', b'{"seq": 5, "t"')
+    batch = ReadingBatch.parse(torn)
+    assert batch.malformed == 1 and [r.seq for r in batch.records] == [6]
+    # JSON laid out otherwise that happens to start and end like it: parsed whole.
+    nested = b'{"records": [\n{"seq": 1, "a": [\n1\n]},\n{"seq": 2}\n]}'
+    batch = ReadingBatch.parse(nested)
+    assert batch.malformed == 0 and [r.seq for r in batch.records] == [1, 2]
+    assert json.loads(batch.records[0].raw) == {"seq": 1, "a": [1]}
+
+
 def test_only_one_gateway_splits_and_the_other_takes_over_when_it_stops(server: NatsServer) -> None:
     first = GatewayThread(server.url).__enter__()
     second = GatewayThread(server.url).__enter__()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .background import BackgroundGateway
-from .forwarding import publish_chain
+from .forwarding import DeviceRound, publish_chain
 from .natsconn import connect
 from .paths import BENCH_DIR, micropython_executable, micropython_path
 from .protocol import TELEMETRY_STREAM
@@ -60,6 +61,10 @@ class ForwardingFigures:
     qos0_per_s: float  # the ceiling: plain umqtt.simple QoS 0, no log
     python_per_s: float  # nats-py publishes acked per batch: the splitter's own ceiling
     exactly_once: bool
+    # CPU per reading forwarded, microseconds: (board, broker, gateway), from
+    # the end of the splitter's first round of the backlog to its last.
+    cpu_us: tuple[float, float, float] | None
+    qos0_board_us: float  # the ceiling's board: its publish loop is busy, so elapsed is CPU
     flash_offline_per_record: float  # log writes while offline
     flash_cycle_per_record: float  # offline writes + cursor replaced after each ack + seq reservations
     latencies_ms: list[float]
@@ -82,6 +87,42 @@ def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"benchmark: timed out waiting for {what}")
         time.sleep(0.2)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _CpuPerRound:
+    """Samples the board's, the broker's and the gateway thread's CPU time
+    after each of the splitter's rounds until `last_seq` is stored; runs in
+    the gateway's thread (time.thread_time is that thread's)."""
+
+    def __init__(self, device_id: str, board_pid: Callable[[], int | None], broker_pid: int, last_seq: int) -> None:
+        self.device_id = device_id
+        self.board_pid = board_pid
+        self.broker_pid = broker_pid
+        self.last_seq = last_seq
+        self.samples: list[tuple[int, float, float, float]] = []  # newest seq stored, board, broker, gateway
+        self.done = False
+
+    def __call__(self, news: dict[str, DeviceRound]) -> None:
+        seen = news.get(self.device_id)
+        pid = self.board_pid()
+        if self.done or seen is None or seen.newest is None or pid is None:
+            return
+        seq = int(json.loads(seen.newest)["seq"])
+        self.samples.append((seq, _cpu_seconds(pid), _cpu_seconds(self.broker_pid), time.thread_time()))
+        self.done = seq >= self.last_seq
+
+    def per_reading_us(self) -> tuple[float, float, float] | None:
+        if len(self.samples) < 2:
+            return None
+        first, last = self.samples[0], self.samples[-1]
+        scale = 1e6 / (last[0] - first[0])
+        return ((last[1] - first[1]) * scale, (last[2] - first[2]) * scale, (last[3] - first[3]) * scale)
 
 
 def _stored_count(nats_url: str) -> int:
@@ -141,9 +182,10 @@ def python_publish_ceiling(server: NatsServer, count: int, per_round: int = PYTH
     return asyncio.run(run())
 
 
-def qos0_ceiling(server: NatsServer, count: int) -> float:
+def qos0_ceiling(server: NatsServer, count: int) -> tuple[float, float]:
     """Plain umqtt.simple QoS 0 publishes of the same readings, no log, into
-    a stream of their own: readings per second as stored."""
+    a stream of their own: readings per second as stored, and the board's
+    microseconds per reading."""
     async def create() -> None:
         nc = await connect(server.url, name="fleet-bench")
         try:
@@ -152,20 +194,33 @@ def qos0_ceiling(server: NatsServer, count: int) -> float:
             await nc.close()
 
     asyncio.run(create())
-    _run_micropython("qos0_ceiling.py", server.host, str(server.mqtt_port), str(count))
-    return asyncio.run(_stream_rate(server.url, "BENCH_QOS0", count, 60))
+    out = _run_micropython("qos0_ceiling.py", server.host, str(server.mqtt_port), str(count))
+    _, sent, elapsed_ms = next(line for line in out.splitlines() if line.startswith("RESULT")).split()
+    return asyncio.run(_stream_rate(server.url, "BENCH_QOS0", count, 60)), int(elapsed_ms) * 1000 / int(sent)
 
 
-def forwarding(server: NatsServer, data: Path, count: int = 10_000, latency_s: int = 60, batch_bytes: int = 2048) -> ForwardingFigures:
+def forwarding(server: NatsServer, data: Path, count: int = 10_000, latency_s: int = 60, batch_bytes: int | None = None) -> ForwardingFigures:
     """A board boots with `count` readings in its log and forwards them; then
     records one reading a second while online."""
     sim = Simulator(data / "sim", server.host, server.mqtt_port)
-    device = sim.add("bench-001", telemetry_interval_ms=1000, backlog_budget=4 * 1024 * 1024, batch_bytes=batch_bytes)
+    sizing = {"batch_bytes": batch_bytes} if batch_bytes else {}  # else the firmware's default
+    device = sim.add("bench-001", telemetry_interval_ms=1000, backlog_budget=4 * 1024 * 1024, **sizing)
     out = _run_micropython("fill_backlog.py", str(count), cwd=device.flash_dir)
     _, records, size, _, offline, cycle, state_bytes = next(l for l in out.splitlines() if l.startswith("RESULT")).split()
-    qos0_per_s = qos0_ceiling(server, count)
+    qos0_per_s, qos0_board_us = qos0_ceiling(server, count)
     python_per_s = python_publish_ceiling(server, count)
-    with BackgroundGateway(server.url, mqtt=(server.host, server.mqtt_port)):
+    assert server.process is not None
+    cpu = _CpuPerRound("bench-001", lambda: sim.devices["bench-001"].pid, server.process.pid, count - 1)
+    with BackgroundGateway(server.url, mqtt=(server.host, server.mqtt_port)) as gateway:
+        splitter = gateway.gateway.splitter
+        assert splitter is not None and splitter.on_round is not None
+        note_round = splitter.on_round
+
+        def on_round(news: dict[str, DeviceRound]) -> None:
+            note_round(news)
+            cpu(news)
+
+        splitter.on_round = on_round
         try:
             sim.start("bench-001")
             _wait(lambda: _stored_count(server.url) >= count, 600, f"{count} readings in the stream")
@@ -189,6 +244,8 @@ def forwarding(server: NatsServer, data: Path, count: int = 10_000, latency_s: i
         qos0_per_s=qos0_per_s,
         python_per_s=python_per_s,
         exactly_once=exactly_once,
+        cpu_us=cpu.per_reading_us(),
+        qos0_board_us=qos0_board_us,
         flash_offline_per_record=int(offline) / 2000,
         flash_cycle_per_record=int(cycle) / 2000 + float(state_bytes),
         latencies_ms=latencies,
@@ -332,6 +389,11 @@ def throughput() -> None:
     print(f"{f'nats-py chained publishes, acked {PYTHON_ROUND} at a time':<52}{figures.python_per_s:>12.0f}{figures.python_per_s / figures.qos0_per_s:>8.2f}")
     label = "forwarded into FLEET_TELEMETRY, exactly once" if figures.exactly_once else "forwarded (NOT exactly once!)"
     print(f"{label:<52}{figures.forwarded_per_s:>12.0f}{figures.forwarded_per_s / figures.qos0_per_s:>8.2f}")
+    if figures.cpu_us is not None:
+        board, broker, gateway = figures.cpu_us
+        print(f"CPU per reading forwarded ({os.cpu_count()} cores here): board {board:.1f} us, "
+              f"nats-server {broker:.1f} us, gateway {gateway:.1f} us")
+        print(f"  (the ceiling's board: {figures.qos0_board_us:.1f} us per reading)")
     print()
     print("Flash written per reading")
     print(f"  reading's own size               {figures.record_bytes:7.1f} bytes")

@@ -94,6 +94,7 @@ class GatewayConfig:
     ack_wait: float = 30.0
     connect_timeout: float = 5.0
     splitter: SplitterConfig = SplitterConfig()
+    registry_every: float = 0.1  # seconds between writes of the splitter's news into a device's record
     # The MQTT listener, to publish retained configuration; None: not published.
     mqtt_host: str | None = None
     mqtt_port: int | None = None
@@ -500,6 +501,9 @@ class Gateway:
                     continue
             if await self._flush_forwarded():
                 backoff = 0.5
+                # Rounds come every few milliseconds while a backlog drains:
+                # news that waits a moment costs one write for many rounds.
+                await self._sleep_unless_stopping(self.config.registry_every)
                 continue
             await self._sleep_unless_stopping(backoff)
             backoff = min(backoff * 2, 10.0)

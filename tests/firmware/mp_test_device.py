@@ -87,7 +87,7 @@ def test_a_batch_buffer_that_cannot_be_had_is_asked_for_again_at_the_smaller_lim
     batch = bytes(device._batch(bodies, -1, 0, 256))
     assert json.loads(batch)["records"] == [{"seq": 1}, {"seq": 2}]
     # Sized for the limit in force, not for the 8 KB that did not fit.
-    assert len(device.batch_buffer) == 256 + 128, len(device.batch_buffer)
+    assert len(device.batch_buffer) == 256 + 256, len(device.batch_buffer)
 
 
 def test_a_task_that_dies_is_started_again_and_counted():
