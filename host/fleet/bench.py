@@ -155,9 +155,9 @@ async def _stream_rate(nats_url: str, stream: str, count: int, timeout: float) -
         await nc.close()
 
 
-# A round as the splitter sees one from a board forwarding a backlog: 16
-# batches in flight (forward_window) of about 14 readings (2 KB).
-PYTHON_ROUND = 16 * 14
+# A round as the splitter sees one from a board forwarding a backlog with the
+# defaults (measured): about 16 batches of about 28 readings (4 KB).
+PYTHON_ROUND = 16 * 28
 
 
 def python_publish_ceiling(server: NatsServer, count: int, per_round: int = PYTHON_ROUND) -> float:

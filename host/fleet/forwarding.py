@@ -68,6 +68,17 @@ _LEASE_KEY = "splitter"
 _GAPS_KEPT = 16
 
 
+def _parse_batch(data: bytes) -> ReadingBatch | MalformedPayload:
+    try:
+        return ReadingBatch.parse(data)
+    except MalformedPayload as bad:
+        return bad
+
+
+# A batch as fetched: the message, and what it parsed into (or why not).
+_Fetched = tuple[Msg, ReadingBatch | MalformedPayload]
+
+
 class ChainBroken(Exception):
     """The stream refused the last record of a chain: something before it is missing."""
 
@@ -201,7 +212,8 @@ class BatchSplitter:
                 ack_policy=api.AckPolicy.EXPLICIT,
                 ack_wait=self.config.ack_wait,
                 max_deliver=-1,
-                max_ack_pending=self.config.round_batches,  # order: see _run
+                # The round in hand and the next, fetched meanwhile (order: see _run).
+                max_ack_pending=2 * self.config.round_batches,
             ),
         )
         self._task = asyncio.create_task(self._run(subscription), name="fleet-gateway-splitter")
@@ -269,11 +281,15 @@ class BatchSplitter:
         renew_every = self.config.lease_ttl / 3
         renewed = -renew_every
         loop = asyncio.get_running_loop()
+        next_round: asyncio.Task[list[_Fetched]] | None = None
         while not self._stopping.is_set():
             if loop.time() - renewed >= renew_every:
                 await self._hold_lease()
                 renewed = loop.time()
             if not self.leader:
+                if next_round is not None:
+                    next_round.cancel()  # the new holder gets its batches
+                    next_round = None
                 self._forget()  # another holder moves them meanwhile
                 await self._sleep_unless_stopping(renew_every)
                 continue
@@ -282,9 +298,7 @@ class BatchSplitter:
                 # too; a round is acknowledged as a whole only once all of
                 # it is stored, so no batch overtakes an earlier one even
                 # across a failure or a change of lease holder.
-                messages = await subscription.fetch(
-                    self.config.round_batches, timeout=min(self.config.fetch_wait, renew_every)
-                )
+                round_ = await (next_round or self._fetch_round(subscription, renew_every))
             except asyncio.TimeoutError:
                 await self._save_quietly()  # idle: bring the bucket up to date
                 continue
@@ -294,8 +308,23 @@ class BatchSplitter:
                 log.warning("splitter: fetch failed (%r)", error)
                 await self._sleep_unless_stopping(1.0)
                 continue
-            if messages:
-                await self._split_until_done(messages)
+            finally:
+                next_round = None
+            if round_:
+                # The next round is fetched and parsed while this one's
+                # records are stored (the wait for the stream's ack is most
+                # of a round's idle time); it is split only after this one
+                # is. Should this one be retried for longer than ack_wait,
+                # the server delivers the next one's batches again: the marks
+                # make the second copy a duplicate, stored nowhere.
+                next_round = asyncio.create_task(self._fetch_round(subscription, renew_every))
+                await self._split_until_done(round_)
+        if next_round is not None:
+            next_round.cancel()  # its batches go to the next holder, unacknowledged
+
+    async def _fetch_round(self, subscription: JetStreamContext.PullSubscription, wait: float) -> list[_Fetched]:
+        messages = await subscription.fetch(self.config.round_batches, timeout=min(self.config.fetch_wait, wait))
+        return [(message, _parse_batch(message.data)) for message in messages]
 
     def _forget(self) -> None:
         """Drop every state held in memory, saved or not: read them again."""
@@ -312,14 +341,14 @@ class BatchSplitter:
         except Exception as error:
             log.debug("splitter: saving the forwarding state: %r", error)  # JetStream away: later
 
-    async def _split_until_done(self, messages: list[Msg]) -> None:
+    async def _split_until_done(self, round_: list[_Fetched]) -> None:
         # A failure here is JetStream being unavailable (a broker restart):
         # try the same round again rather than let a later one overtake it.
         backoff = 0.2
         attempts = 0
         while True:
             try:
-                stored, news = await self._split(messages)
+                stored, news = await self._split(round_)
             except Exception as error:
                 attempts += 1
                 self.counters.failed += 1
@@ -332,13 +361,13 @@ class BatchSplitter:
                     return  # left unacknowledged: the next holder gets it first
                 if isinstance(error, ChainBroken) and attempts == 1:
                     continue  # the marks were behind the stream; read again, they are not
-                log.warning("splitter: %d batches not forwarded yet (%r); retrying", len(messages), error)
-                for message in messages:
+                log.warning("splitter: %d batches not forwarded yet (%r); retrying", len(round_), error)
+                for message, _ in round_:
                     await quietly(message.in_progress())  # still ours: no redelivery meanwhile
                 await self._sleep_unless_stopping(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            for message in messages:
+            for message, _ in round_:
                 await quietly(message.ack())
             # A board moves its log on only when it hears this: sent for
             # duplicates and holes too, so a board that missed one catches up.
@@ -348,7 +377,7 @@ class BatchSplitter:
                 self.on_round(news)
             return
 
-    async def _split(self, messages: list[Msg]) -> tuple[dict[str, int], dict[str, DeviceRound]]:
+    async def _split(self, round_: list[_Fetched]) -> tuple[dict[str, int], dict[str, DeviceRound]]:
         """Forward a round of batches in order, then move the devices' marks.
 
         Returns the last sequence now stored for every device in the round,
@@ -360,7 +389,7 @@ class BatchSplitter:
         newest_at: dict[str, int] = {}  # device id -> index in records of its newest reading
         gaps_before: dict[str, int] = {}
         forwarded = duplicates = malformed = holes = 0
-        for message in messages:
+        for message, batch in round_:
             device_id = message.subject.split(".")[1]
             state = touched.get(device_id)
             if state is None:
@@ -371,13 +400,11 @@ class BatchSplitter:
             if seen is None:
                 seen = news[device_id] = DeviceRound(0.0)
             seen.seen_at = message.metadata.timestamp.timestamp()
-            try:
-                batch = ReadingBatch.parse(message.data)
-            except MalformedPayload as bad:
+            if isinstance(batch, MalformedPayload):
                 state.malformed += 1
                 malformed += 1
-                seen.malformed.append(str(bad.args[0]))
-                log.warning("device %s: malformed batch (%s): %r", device_id, bad.args[0], message.data[:120])
+                seen.malformed.append(str(batch.args[0]))
+                log.warning("device %s: malformed batch (%s): %r", device_id, batch.args[0], message.data[:120])
                 continue
             seen.malformed.extend(["a record is not a reading"] * batch.malformed)
             if batch.prev > state.last_seq:
@@ -424,7 +451,7 @@ class BatchSplitter:
                 await self._save(device_id, state)  # a gap is saved at once, not only counted
         await self._save_due()
         counters = self.counters
-        counters.batches += len(messages)
+        counters.batches += len(round_)
         counters.forwarded += forwarded
         counters.duplicates += duplicates
         counters.malformed += malformed
