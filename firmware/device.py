@@ -14,6 +14,7 @@ from commands import Commands
 from config import Config
 from display import render, to_text
 from link import Link
+from mqttsocket import Joined
 from query import BadFilter, evaluate
 from state import DeviceState
 from telemetry import Telemetry
@@ -106,7 +107,6 @@ class Device:
             settings["flush_records"], settings["flush_ms"],
         )
         self.recorded = asyncio.Event()
-        self.batch_buffer = None  # see _batch()
         self.link.on_up = self.recorded.set  # forward the backlog as soon as the link is up
         self.stored = asyncio.Event()  # the gateway acknowledged a batch
         self.stored_seq = -1  # the last sequence the gateway says is stored
@@ -310,7 +310,7 @@ class Device:
                 if not bodies:
                     break
                 prev = inflight[-1][0] if inflight else -1
-                payload = self._batch(bodies, prev, len(inflight), limit)
+                payload = self._batch(bodies, prev, len(inflight))
                 if not link.publish(self.topics["batch"], payload, False, 1):
                     return resend_at, misses  # the link is down; all of it goes again on the next connection
                 inflight.append((_seq_of(bodies[-1]), token))
@@ -371,35 +371,16 @@ class Device:
             dog.feed()
             await asyncio.sleep_ms(1000)
 
-    def _batch(self, bodies, prev, inflight, limit):
-        # Built in one buffer kept for the device's life, not by joining
-        # (three copies of up to batch_bytes each): on a fragmented heap the
-        # forwarder then asks for nothing big per batch. The buffer is sized
-        # for the forwarder's current limit, which a MemoryError here halves:
-        # sized for the setting, it would fail again at every smaller limit.
-        # The records are JSON already. Returns a view: publish() copies it
-        # out before the next batch is built.
-        log_ = self.backlog
-        waiting = max(0, log_.backlog() - len(bodies) * (inflight + 1))  # about: batches differ in size
-        # One record per line: JSON all the same, and the gateway takes each
-        # record's bytes as they are instead of parsing the batch whole and
-        # encoding every record again.
-        head = b'{"prev": %d, "dropped": %d, "backlog": %d, "records": [\n' % (prev, log_.dropped, waiting)
-        size = len(head) + sum(len(b) for b in bodies) + 2 * len(bodies) + 2
-        buf = self.batch_buffer
-        if buf is None or len(buf) < size:
-            buf = self.batch_buffer = bytearray(max(size, limit + 256))
-        at = len(head)
-        buf[:at] = head
-        for body in bodies:
-            buf[at:at + len(body)] = body
-            at += len(body)
-            buf[at] = 44  # ","
-            buf[at + 1] = 10  # "\n"
-            at += 2
-        at -= 2  # no comma after the last record
-        buf[at:at + 3] = b"\n]}"
-        return memoryview(buf)[:at + 3]
+    def _batch(self, bodies, prev, inflight):
+        # The records are JSON already: they are copied once, straight into
+        # the MQTT packet (mqttsocket.Joined), not joined into a batch first,
+        # which would cost a buffer as big as the batch. One record per
+        # line: JSON all the same, and the gateway takes each record's bytes
+        # as they are instead of parsing the batch whole and encoding every
+        # record again.
+        waiting = max(0, self.backlog.backlog() - len(bodies) * (inflight + 1))  # about: batches differ in size
+        head = b'{"prev": %d, "dropped": %d, "backlog": %d, "records": [\n' % (prev, self.backlog.dropped, waiting)
+        return Joined(head, bodies, b",\n", b"\n]}")
 
     # -- incoming messages ---------------------------------------------------------
     def _on_message(self, topic, payload, discarded):

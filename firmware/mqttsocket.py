@@ -19,6 +19,38 @@ _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 
 
+class Joined:
+    # A payload made of parts, copied straight into the packet being
+    # gathered: a batch of readings goes out without first being put
+    # together in a buffer of its own (as big as the batch, kept or not).
+    # umqtt.simple only asks its len() and hands it to write().
+    def __init__(self, head, items, sep, tail):
+        self.head = head
+        self.items = items  # at least one
+        self.sep = sep
+        self.tail = tail
+        size = len(head) + len(tail) + len(sep) * (len(items) - 1)
+        for item in items:
+            size += len(item)
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+    def copy_into(self, out, at):
+        sep = self.sep
+        out[at : at + len(self.head)] = self.head
+        at += len(self.head)
+        for i, item in enumerate(self.items):
+            if i:
+                out[at : at + len(sep)] = sep
+                at += len(sep)
+            out[at : at + len(item)] = item
+            at += len(item)
+        out[at : at + len(self.tail)] = self.tail
+        return at + len(self.tail)
+
+
 class PacketSocket:
     def __init__(self, timeout_ms, max_read, nodelay=None, out=None):
         self.sock = socket.socket()
@@ -74,7 +106,10 @@ class PacketSocket:
             grown = bytearray((end + 511) & ~511)
             grown[: self.n] = self.out[: self.n]
             self.out = grown
-        self.out[self.n : end] = memoryview(buf)[:n]
+        if isinstance(buf, Joined):
+            buf.copy_into(self.out, self.n)
+        else:
+            self.out[self.n : end] = memoryview(buf)[:n]
         self.n = end
         return n
 

@@ -27,6 +27,18 @@ def test_qos1_publish_is_sent_whole_before_waiting_for_puback():
     assert sock.sock.writes == [b"\x32\x09\x00\x03t/x\x00\x01hi"], sock.sock.writes
 
 
+def test_a_joined_payload_is_copied_straight_into_the_packet():
+    from mqttsocket import Joined
+
+    sock = packet_socket(b"\x40\x02\x00\x01")
+    assert len(sock.out) == 128
+    records = [b"r" * 100, b"s" * 100]
+    client_over(sock).publish(b"t/x", Joined(b"[", records, b",", b"]"), False, 1)
+    payload = b"[" + b"r" * 100 + b"," + b"s" * 100 + b"]"
+    assert sock.sock.writes == [publish_packet(b"t/x", payload, 1)], sock.sock.writes
+    assert len(sock.out) == 512  # grown to fit, in 512-byte steps
+
+
 def test_pingreq_is_two_bytes_and_counts_as_one_write():
     sock = packet_socket()
     client_over(sock).ping()
