@@ -298,6 +298,7 @@ class Device:
         window = self.settings["forward_window"]
         ack_timeout = self.settings["ack_timeout_ms"]
         inflight = []  # (last seq, token) of each batch sent and not acked, oldest first
+        sending = 0  # readings in those batches
         while link.connected and ticks_diff(ticks_ms(), resend_at) >= 0:
             # Fill the window. Later batches carry the last seq of the one
             # before ("prev"): if that one never reached the stream, the
@@ -310,7 +311,8 @@ class Device:
                 if not bodies:
                     break
                 prev = inflight[-1][0] if inflight else -1
-                payload = self._batch(bodies, prev, len(inflight))
+                sending += len(bodies)
+                payload = self._batch(bodies, prev, log_.backlog() - sending)
                 if not link.publish(self.topics["batch"], payload, False, 1):
                     return resend_at, misses  # the link is down; all of it goes again on the next connection
                 inflight.append((_seq_of(bodies[-1]), token))
@@ -337,6 +339,7 @@ class Device:
                 count += token[1]
             log_.ack(token if token[0] is None else (token[0], count, 0, 0))
             self.forwarded += count
+            sending -= count
         return resend_at, misses
 
     async def _stored_up_to(self, seq, timeout_ms):
@@ -371,15 +374,16 @@ class Device:
             dog.feed()
             await asyncio.sleep_ms(1000)
 
-    def _batch(self, bodies, prev, inflight):
+    def _batch(self, bodies, prev, waiting):
         # The records are JSON already: they are copied once, straight into
         # the MQTT packet (mqttsocket.Joined), not joined into a batch first,
         # which would cost a buffer as big as the batch. One record per
         # line: JSON all the same, and the gateway takes each record's bytes
         # as they are instead of parsing the batch whole and encoding every
         # record again.
-        waiting = max(0, self.backlog.backlog() - len(bodies) * (inflight + 1))  # about: batches differ in size
-        head = b'{"prev": %d, "dropped": %d, "backlog": %d, "records": [\n' % (prev, self.backlog.dropped, waiting)
+        # `waiting`: readings on the board after this batch and the ones
+        # in flight before it.
+        head = b'{"prev": %d, "dropped": %d, "backlog": %d, "records": [\n' % (prev, self.backlog.dropped, max(0, waiting))
         return Joined(head, bodies, b",\n", b"\n]}")
 
     # -- incoming messages ---------------------------------------------------------
