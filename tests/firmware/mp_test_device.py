@@ -84,6 +84,42 @@ def test_a_batch_is_one_record_per_line_and_no_copy_of_it_is_made():
     assert json.loads(out)["records"] == [{"seq": 1}, {"seq": 2}]
 
 
+class _SentBatches:
+    # A link that is up and keeps every batch published, as bytes.
+    connected = True
+
+    def __init__(self):
+        self.batches = []
+
+    def publish(self, topic, payload, retain, qos):
+        out = bytearray(len(payload))
+        payload.copy_into(out, 0)
+        self.batches.append(json.loads(out))
+        return True
+
+
+def test_each_batch_says_exactly_how_many_readings_wait_behind_it():
+    import asyncio
+    from time import ticks_ms
+
+    device = _device()
+    device.settings["forward_window"] = 4
+    device.settings["ack_timeout_ms"] = 100
+    for i in range(40):  # readings of different sizes, so batches differ in count
+        device.record({"note": "x" * (i % 7 * 9)})
+    device.backlog.flush()
+    link = device.link = _SentBatches()
+    # No gateway acks: one window goes out, then the pass ends on the timeout.
+    asyncio.run(device._forward_batches(300, ticks_ms(), 0))
+    assert len(link.batches) == 4, link.batches
+    counts = [len(b["records"]) for b in link.batches]
+    assert len(set(counts)) > 1, counts
+    sent = 0
+    for batch, count in zip(link.batches, counts):
+        sent += count
+        assert batch["backlog"] == 40 - sent, (batch["backlog"], 40 - sent, counts)
+
+
 def test_a_task_that_dies_is_started_again_and_counted():
     import asyncio
 
