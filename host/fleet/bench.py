@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -113,7 +112,7 @@ class _CpuPerRound:
         pid = self.board_pid()
         if self.done or seen is None or seen.newest is None or pid is None:
             return
-        seq = int(json.loads(seen.newest)["seq"])
+        seq = seen.newest.seq
         self.samples.append((seq, _cpu_seconds(pid), _cpu_seconds(self.broker_pid), time.thread_time()))
         self.done = seq >= self.last_seq
 

@@ -110,7 +110,7 @@ class DeviceRound:
     """What one round did for one device: the registry's news."""
 
     seen_at: float  # JetStream timestamp of the device's newest batch in the round
-    newest: bytes | None = None  # its newest reading now stored, as stored
+    newest: TelemetryReading | None = None  # its newest reading now stored
     newest_stream_seq: int = 0  # that reading's sequence in FLEET_TELEMETRY
     malformed: list[str] = field(default_factory=list)  # why each bad batch or record was left out
 
@@ -386,7 +386,7 @@ class BatchSplitter:
         records: list[tuple[str, bytes, str]] = []  # subject, body, message id
         touched: dict[str, ForwardingState] = {}
         news: dict[str, DeviceRound] = {}
-        newest_at: dict[str, int] = {}  # device id -> index in records of its newest reading
+        newest_at: dict[str, tuple[int, TelemetryReading]] = {}  # device id -> its newest reading, index in records
         gaps_before: dict[str, int] = {}
         forwarded = duplicates = malformed = holes = 0
         for message, batch in round_:
@@ -424,7 +424,7 @@ class BatchSplitter:
                 state.dropped = batch.dropped
             if fresh:
                 state.last_seq = fresh[-1].seq
-                newest_at[device_id] = len(records) - 1
+                newest_at[device_id] = (len(records) - 1, fresh[-1].reading)
             state.forwarded += len(fresh)
             state.duplicates += len(batch.records) - len(fresh)
             state.malformed += batch.malformed
@@ -440,8 +440,8 @@ class BatchSplitter:
             except BaseException:
                 self._last_id = None  # what the stream holds last is unknown now
                 raise
-            for device_id, index in newest_at.items():
-                news[device_id].newest = records[index][1]
+            for device_id, (index, reading) in newest_at.items():
+                news[device_id].newest = reading
                 news[device_id].newest_stream_seq = last_stream_seq - (len(records) - 1 - index)
         for device_id, state in touched.items():
             self._marks[device_id] = (state, self._marks[device_id][1])

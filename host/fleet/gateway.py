@@ -482,12 +482,8 @@ class Gateway:
             events.extend(DeviceEvent(round_.seen_at, 0, malformed=why) for why in round_.malformed)
             if round_.newest is None:
                 continue
-            try:
-                reading = TelemetryReading.parse(round_.newest)
-            except MalformedPayload:
-                continue  # cannot happen: the splitter stores only readings it parsed
             events[:] = [event for event in events if event.reading is None]
-            events.append(DeviceEvent(round_.seen_at, round_.newest_stream_seq, reading=reading))
+            events.append(DeviceEvent(round_.seen_at, round_.newest_stream_seq, reading=round_.newest))
         if news:
             self._forwarded_ready.set()
 

@@ -231,12 +231,16 @@ class DeviceRecord:
 
 
 class ForwardedRecord(NamedTuple):
-    """One reading inside a batch: its sequence and its JSON exactly as sent.
+    """One reading inside a batch, parsed, and its JSON exactly as sent.
     A tuple: made for every reading forwarded, and a frozen dataclass takes
     several times as long to build."""
 
-    seq: int
+    reading: TelemetryReading
     raw: bytes
+
+    @property
+    def seq(self) -> int:
+        return self.reading.seq
 
 
 @dataclass(frozen=True)
@@ -276,11 +280,11 @@ class ReadingBatch:
             try:
                 if not isinstance(record, dict):
                     raise MalformedPayload("a record is not an object")
-                seq = TelemetryReading.from_value(record).seq
+                reading = TelemetryReading.from_value(record)
             except MalformedPayload:
                 malformed += 1
                 continue
-            parsed.append(ForwardedRecord(seq, encode(record).encode()))
+            parsed.append(ForwardedRecord(reading, encode(record).encode()))
         return cls._with_counts(value, tuple(parsed), malformed)
 
     @classmethod
@@ -308,11 +312,11 @@ class ReadingBatch:
                     return None
                 line = line[:-1]
             try:
-                seq = TelemetryReading.from_value(_json_object(line)).seq
+                reading = TelemetryReading.from_value(_json_object(line))
             except MalformedPayload:
                 malformed += 1
                 continue
-            parsed.append(ForwardedRecord(seq, line))
+            parsed.append(ForwardedRecord(reading, line))
         if malformed:
             # A line that is not a reading: a corrupt record in this layout
             # (counted, the others kept), unless the whole document is JSON
