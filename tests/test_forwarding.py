@@ -200,6 +200,10 @@ def test_the_firmware_layout_keeps_each_record_as_sent_and_a_corrupt_one_costs_o
     torn = sent.replace(b'{"seq": 5, "t": 1.5}', b'{"seq": 5, "t"')
     batch = ReadingBatch.parse(torn)
     assert batch.malformed == 1 and [r.seq for r in batch.records] == [6]
+    # A record that is not UTF-8, or not a reading, costs only itself too.
+    for bad in (b'{"seq": 5, "t": "\xff"}', b'{"seq": 5, "temp_c": true}', b'{"seq": -5}', b'[5]'):
+        batch = ReadingBatch.parse(sent.replace(b'{"seq": 5, "t": 1.5}', bad))
+        assert batch.malformed == 1 and [r.seq for r in batch.records] == [6], bad
     # JSON laid out otherwise that happens to start and end like it: parsed whole.
     nested = b'{"records": [\n{"seq": 1, "a": [\n1\n]},\n{"seq": 2}\n]}'
     batch = ReadingBatch.parse(nested)

@@ -48,6 +48,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client
+from nats.errors import ConnectionClosedError
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import (
@@ -142,23 +143,48 @@ async def publish_chain(
     last message stored: one that was lost makes every later one fail, the
     last one included, and that one asks for the stream's answer.
     """
+    if not records:
+        return after or "", 0
+    # All but the last go out as HPUB commands written here, in one piece,
+    # queued on nats-py's connection (its pending buffer, which it writes
+    # in order before the request that follows). Its publish() checks and
+    # encodes the headers anew for every call: 4-5 us a record against
+    # 1 us, measured apart, most of what storing a reading cost the gateway.
+    # The subjects are the gateway's own (nats_subject) and the message ids
+    # a device id and a number, so there is nothing to check.
+    commands: list[bytes] = []
     previous = after
-    for index, (subject, body, message_id) in enumerate(records):
-        headers = {"Nats-Msg-Id": message_id}
-        if previous is not None:
-            headers["Nats-Expected-Last-Msg-Id"] = previous
+    for subject, body, message_id in records[:-1]:
+        commands.append(_hpub(subject, body, message_id, previous))
         previous = message_id
-        if index < len(records) - 1:
-            await nc.publish(subject, body, headers=headers)
-            continue
-        reply = await nc.request(subject, body, headers=headers, timeout=timeout)
-        answer = json.loads(reply.data)
-        if not isinstance(answer, dict) or answer.get("error") or answer.get("duplicate"):
-            # Refused, or a duplicate, whose ack says nothing about the
-            # records before it.
-            raise ChainBroken(str(answer.get("error") if isinstance(answer, dict) else answer))
-        return message_id, int(answer.get("seq", 0))
-    return previous or "", 0
+    if commands:
+        if nc.is_closed:
+            raise ConnectionClosedError
+        await nc._send_command(b"".join(commands))  # pyright: ignore[reportPrivateUsage]
+    subject, body, message_id = records[-1]
+    headers = {"Nats-Msg-Id": message_id}
+    if previous is not None:
+        headers["Nats-Expected-Last-Msg-Id"] = previous
+    reply = await nc.request(subject, body, headers=headers, timeout=timeout)
+    answer = json.loads(reply.data)
+    if not isinstance(answer, dict) or answer.get("error") or answer.get("duplicate"):
+        # Refused, or a duplicate, whose ack says nothing about the
+        # records before it.
+        raise ChainBroken(str(answer.get("error") if isinstance(answer, dict) else answer))
+    return message_id, int(answer.get("seq", 0))
+
+
+def _hpub(subject: str, body: bytes, message_id: str, previous: str | None) -> bytes:
+    """One NATS HPUB command: a message with its id and, when known, the id
+    of the one the stream must hold last."""
+    if previous is None:
+        header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % message_id.encode()
+    else:
+        header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\nNats-Expected-Last-Msg-Id: %s\r\n\r\n" % (
+            message_id.encode(),
+            previous.encode(),
+        )
+    return b"HPUB %s %d %d\r\n%s%s\r\n" % (subject.encode(), len(header), len(header) + len(body), header, body)
 
 
 class BatchSplitter:

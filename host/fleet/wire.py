@@ -94,6 +94,33 @@ def _json_object(data: bytes) -> dict[str, Any]:
     return value
 
 
+def _exact_types(types: dict[str, tuple[type, ...]]) -> dict[str, frozenset[type]]:
+    """`types` for a look-up of type(value): what the JSON decoder makes is
+    exactly dict, list, str, int, float, bool or None, and bool is not in a
+    set that does not name it."""
+    return {name: frozenset(allowed) for name, allowed in types.items()}
+
+
+_TELEMETRY_EXACT_TYPES = _exact_types(_TELEMETRY_FIELD_TYPES)
+
+
+def _reading_error(value: dict[str, Any]) -> str | None:
+    """Why a decoded JSON object is not a reading, or None. Run for every
+    record forwarded, so it looks each field up once rather than asking
+    isinstance of each known field."""
+    seq = value.get("seq")
+    if type(seq) is not int:
+        return "no 'seq' field" if "seq" not in value else "seq is not an integer"
+    if seq < 0:
+        return "seq is negative"
+    exact = _TELEMETRY_EXACT_TYPES
+    for name, item in value.items():
+        allowed = exact.get(name)
+        if allowed is not None and type(item) not in allowed:
+            return f"{name} is a boolean" if type(item) is bool else f"{name} has type {type(item).__name__}"
+    return None
+
+
 def _check_types(value: dict[str, Any], types: dict[str, tuple[type, ...]]) -> None:
     for name, allowed in types.items():
         if name not in value:
@@ -161,11 +188,9 @@ class TelemetryReading:
     @classmethod
     def from_value(cls, value: dict[str, Any]) -> TelemetryReading:
         """A reading from a JSON object already parsed."""
-        if "seq" not in value:
-            raise MalformedPayload("no 'seq' field")
-        _check_types(value, _TELEMETRY_FIELD_TYPES)
-        if value["seq"] < 0:
-            raise MalformedPayload("seq is negative")
+        error = _reading_error(value)
+        if error is not None:
+            raise MalformedPayload(error)
         return cls(seq=value["seq"], payload=value)
 
 
@@ -230,17 +255,26 @@ class DeviceRecord:
         return float(temp) if isinstance(temp, (int, float)) and not isinstance(temp, bool) else None
 
 
-class ForwardedRecord(NamedTuple):
-    """One reading inside a batch, parsed, and its JSON exactly as sent.
-    A tuple: made for every reading forwarded, and a frozen dataclass takes
-    several times as long to build."""
+def _utf8_or_nul(line: bytes) -> str:
+    try:
+        return line.decode()
+    except UnicodeDecodeError:
+        return "\0"
 
-    reading: TelemetryReading
+
+class ForwardedRecord(NamedTuple):
+    """One reading inside a batch, checked, and its JSON exactly as sent.
+    A tuple: made for every reading forwarded, and a frozen dataclass takes
+    several times as long to build (the splitter asks `reading` only of a
+    device's newest)."""
+
+    seq: int
+    payload: dict[str, Any]
     raw: bytes
 
     @property
-    def seq(self) -> int:
-        return self.reading.seq
+    def reading(self) -> TelemetryReading:
+        return TelemetryReading(self.seq, self.payload)
 
 
 @dataclass(frozen=True)
@@ -284,7 +318,7 @@ class ReadingBatch:
             except MalformedPayload:
                 malformed += 1
                 continue
-            parsed.append(ForwardedRecord(reading, encode(record).encode()))
+            parsed.append(ForwardedRecord(reading.seq, record, encode(record).encode()))
         return cls._with_counts(value, tuple(parsed), malformed)
 
     @classmethod
@@ -300,23 +334,38 @@ class ReadingBatch:
             value = _json_object(lines[0] + b"]}")
         except MalformedPayload:
             return None
+        try:
+            # The lines as text too, decoded at once: a newline is one byte
+            # in UTF-8 and never inside another character, so the two
+            # splits line up.
+            texts = data.decode().split("\n")
+        except UnicodeDecodeError:
+            # A line that is not UTF-8 is a bad record, not a bad batch:
+            # "\0" is never JSON.
+            texts = [_utf8_or_nul(line) for line in lines]
         if value.get("records") != []:
             return None
         parsed: list[ForwardedRecord] = []
         malformed = 0
         last = len(lines) - 2
+        raw_decode = _DECODER.raw_decode  # no whitespace around a record's line
         for index in range(1, last + 1):
             line = lines[index]
+            text = texts[index]
             if index < last:
                 if not line.endswith(b","):
                     return None
                 line = line[:-1]
+                text = text[:-1]
             try:
-                reading = TelemetryReading.from_value(_json_object(line))
-            except MalformedPayload:
+                record, end = raw_decode(text)
+            except ValueError:
                 malformed += 1
                 continue
-            parsed.append(ForwardedRecord(reading, line))
+            if end != len(text) or type(record) is not dict or _reading_error(record) is not None:
+                malformed += 1
+                continue
+            parsed.append(ForwardedRecord(record["seq"], record, line))
         if malformed:
             # A line that is not a reading: a corrupt record in this layout
             # (counted, the others kept), unless the whole document is JSON
