@@ -297,8 +297,9 @@ class Device:
         link = self.link
         window = self.settings["forward_window"]
         ack_timeout = self.settings["ack_timeout_ms"]
-        inflight = []  # (last seq, token) of each batch sent and not acked, oldest first
+        inflight = []  # (last seq, token, packet number) of each batch sent and not acked, oldest first
         sending = 0  # readings in those batches
+        connects = link.connects
         while link.connected and ticks_diff(ticks_ms(), resend_at) >= 0:
             # Fill the window. Later batches carry the last seq of the one
             # before ("prev"): if that one never reached the stream, the
@@ -313,12 +314,14 @@ class Device:
                 prev = inflight[-1][0] if inflight else -1
                 sending += len(bodies)
                 payload = self._batch(bodies, prev, log_.backlog() - sending)
-                if not link.publish(self.topics["batch"], payload, False, 1):
+                # Not waiting for each PUBACK: the window is the flow control.
+                number = link.send(self.topics["batch"], payload)
+                if not number:
                     return resend_at, misses  # the link is down; all of it goes again on the next connection
-                inflight.append((_seq_of(bodies[-1]), token))
+                inflight.append((_seq_of(bodies[-1]), token, number))
             if not inflight:
                 break
-            stored = await self._stored_up_to(inflight[0][0], ack_timeout)
+            stored = await self._stored_up_to(inflight[0][0], inflight[0][2], connects, ack_timeout)
             if stored is None:
                 break  # the link went down meanwhile
             if not stored:
@@ -334,7 +337,7 @@ class Device:
             # one at least: that is what was waited for).
             token = inflight.pop(0)[1]
             count = token[1]
-            while inflight and inflight[0][0] <= self.stored_seq:
+            while inflight and inflight[0][0] <= self.stored_seq and inflight[0][2] <= link.pubacked:
                 token = inflight.pop(0)[1]
                 count += token[1]
             log_.ack(token if token[0] is None else (token[0], count, 0, 0))
@@ -342,12 +345,16 @@ class Device:
             sending -= count
         return resend_at, misses
 
-    async def _stored_up_to(self, seq, timeout_ms):
-        # True once the gateway has stored `seq`, False after timeout_ms,
-        # None if the link went down first.
+    async def _stored_up_to(self, seq, number, connects, timeout_ms):
+        # True once the gateway has stored `seq` and the broker has
+        # acknowledged the packet that carried it (send()'s `number`; its
+        # PUBACK comes before the gateway's ack, which follows the batch
+        # through the broker), False after timeout_ms, None if the link went
+        # down first (connection `connects` is the one the batch went on).
+        link = self.link
         deadline = ticks_add(ticks_ms(), timeout_ms)
-        while self.stored_seq < seq:
-            if not self.link.connected:
+        while self.stored_seq < seq or link.pubacked < number:
+            if not link.connected or link.connects != connects:
                 return None
             left = ticks_diff(deadline, ticks_ms())
             if left <= 0:

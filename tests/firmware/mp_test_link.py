@@ -1,0 +1,58 @@
+# Link.send: batches go out as QoS 1 publishes without waiting for each
+# PUBACK, one write each, numbered in sending order; PUBACKs are counted.
+from fakes import packet_socket, publish_packet
+from umqtt.simple import MQTTClient
+
+TOPIC = b"fleet/dev-1/batch"
+
+
+def link_over(sock):
+    from link import Link
+
+    settings = {"keepalive_s": 60, "batch_bytes": 1024, "socket_timeout_ms": 1000, "max_payload": 4096}
+    link = Link("dev-1", settings, None, None, b"fleet/dev-1/status", None, print)
+    link.client = MQTTClient("dev-1", "broker")
+    link.client.sock = link.sock = sock
+    link.connected = True
+    return link
+
+
+def puback(pid):
+    return b"\x40\x02" + pid.to_bytes(2, "big")
+
+
+def test_send_does_not_wait_for_the_puback_and_numbers_its_packets():
+    sock = packet_socket()  # the broker says nothing: a send that waited would read EOF
+    link = link_over(sock)
+    numbers = [link.send(TOPIC, b"batch %d" % n) for n in range(3)]
+    assert numbers == [1, 2, 3], numbers
+    assert link.connected and link.pubacked == 0
+    expected = [publish_packet(TOPIC, b"batch %d" % n, 1, n + 1) for n in range(3)]
+    assert sock.sock.writes == expected, sock.sock.writes
+
+
+def test_a_publish_that_waits_for_its_puback_counts_the_sends_before_it_as_acknowledged():
+    # umqtt.simple reads the PUBACKs of earlier sends while it waits for its
+    # own, and they come in order: all of those are in.
+    sock = packet_socket(puback(1) + puback(2) + puback(3))
+    link = link_over(sock)
+    link.send(TOPIC, b"a")
+    link.send(TOPIC, b"b")
+    assert link.publish(b"fleet/dev-1/status", b"x", True, 1)
+    assert (link.sent, link.pubacked) == (2, 2)
+
+
+def test_the_packet_id_wraps_as_publish_wraps_it():
+    sock = packet_socket()
+    link = link_over(sock)
+    link.client.pid = 65535
+    assert link.send(TOPIC, b"a") == 1
+    assert sock.sock.writes == [publish_packet(TOPIC, b"a", 1, 1)], sock.sock.writes
+
+
+def test_a_send_on_a_link_that_is_down_sends_nothing():
+    sock = packet_socket()
+    link = link_over(sock)
+    link.connected = False
+    assert link.send(TOPIC, b"a") == 0
+    assert sock.sock.writes == []
