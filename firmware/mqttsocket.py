@@ -38,13 +38,17 @@ class Joined:
         return self.size
 
     def copy_into(self, out, at):
+        # An index loop, not enumerate(): its tuple per item was garbage
+        # for every reading forwarded.
+        items = self.items
         sep = self.sep
         out[at : at + len(self.head)] = self.head
         at += len(self.head)
-        for i, item in enumerate(self.items):
+        for i in range(len(items)):
             if i:
                 out[at : at + len(sep)] = sep
                 at += len(sep)
+            item = items[i]
             out[at : at + len(item)] = item
             at += len(item)
         out[at : at + len(self.tail)] = self.tail
