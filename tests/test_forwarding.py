@@ -12,9 +12,11 @@ from collections.abc import Iterator
 
 import nats
 import paho.mqtt.client as mqtt
+from nats.errors import ConnectionReconnectingError
 import pytest
 from support import GatewayThread, stored_readings, wait_for
 
+from fleet.forwarding import publish_chain
 from fleet.server import NatsServer
 from fleet.wire import MalformedPayload, ReadingBatch
 
@@ -234,3 +236,27 @@ def test_only_one_gateway_splits_and_the_other_takes_over_when_it_stops(server: 
         for running in (first, second):
             if running.thread.is_alive():
                 running.__exit__(None, None, None)
+
+
+def test_a_round_is_not_queued_while_the_connection_is_away(server: NatsServer) -> None:
+    # The splitter writes a round's records itself, past nats-py's publish()
+    # and its limit on what may wait for a reconnect: while the connection
+    # is away it refuses the round (tried again later) and queues nothing.
+    async def scenario() -> None:
+        nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        try:
+            await nc.jetstream().add_stream(name="CHAIN", subjects=["chain"])
+            last, seq = await publish_chain(nc, [("chain", b"{}", f"c:{n}") for n in range(3)], None, 5)
+            assert (last, seq) == ("c:2", 3)
+            server.stop()
+            deadline = time.monotonic() + 10
+            while nc.is_connected:
+                assert time.monotonic() < deadline, "nats-py never noticed the server gone"
+                await asyncio.sleep(0.05)
+            with pytest.raises(ConnectionReconnectingError):
+                await publish_chain(nc, [("chain", b"{}", f"c:{n}") for n in range(3, 6)], last, 1)
+            assert nc._pending_data_size == 0  # pyright: ignore[reportPrivateUsage]
+        finally:
+            await nc.close()
+
+    asyncio.run(scenario())

@@ -48,7 +48,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client
-from nats.errors import ConnectionClosedError
+from nats.errors import ConnectionClosedError, ConnectionReconnectingError
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import (
@@ -158,8 +158,13 @@ async def publish_chain(
         commands.append(_hpub(subject, body, message_id, previous))
         previous = message_id
     if commands:
+        # nats-py's publish() refuses to queue past its pending limit while
+        # reconnecting; this does not check it, so it queues nothing then
+        # (the round is tried again once the connection is back).
         if nc.is_closed:
             raise ConnectionClosedError
+        if not nc.is_connected:
+            raise ConnectionReconnectingError
         await nc._send_command(b"".join(commands))  # pyright: ignore[reportPrivateUsage]
     subject, body, message_id = records[-1]
     headers = {"Nats-Msg-Id": message_id}
