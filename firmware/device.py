@@ -347,10 +347,9 @@ class Device:
 
     async def _stored_up_to(self, seq, number, connects, timeout_ms):
         # True once the gateway has stored `seq` and the broker has
-        # acknowledged the packet that carried it (send()'s `number`; its
-        # PUBACK comes before the gateway's ack, which follows the batch
-        # through the broker), False after timeout_ms, None if the link went
-        # down first (connection `connects` is the one the batch went on).
+        # acknowledged the packet that carried it (send()'s `number`), False
+        # after timeout_ms, None if the link went down first (connection
+        # `connects` is the one the batch went on).
         link = self.link
         deadline = ticks_add(ticks_ms(), timeout_ms)
         while self.stored_seq < seq or link.pubacked < number:
@@ -359,6 +358,11 @@ class Device:
             left = ticks_diff(deadline, ticks_ms())
             if left <= 0:
                 return False
+            if self.stored_seq >= seq:
+                # Only the PUBACK is missing: the gateway's ack came first,
+                # for a copy sent before a reconnect. It is on its way.
+                await asyncio.sleep_ms(1)
+                continue
             try:
                 # Short waits: a link that drops is noticed within 500 ms.
                 await asyncio.wait_for_ms(self.stored.wait(), min(left, 500))
