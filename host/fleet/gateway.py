@@ -178,16 +178,6 @@ def device_id_of(subject: str) -> str | None:
     return parts[1]
 
 
-@dataclass(frozen=True)
-class _StreamFeed:
-    """One stream the gateway follows and how its messages are decoded."""
-
-    kind: str  # "presence"
-    stream: str
-    subject: str
-    durable: str
-
-
 class Gateway:
     """One gateway instance; any number may run against the same server.
 
@@ -208,7 +198,6 @@ class Gateway:
         self._consumer_tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
-        self._feeds = (_StreamFeed("presence", PRESENCE_STREAM, nats_subject("*", "status"), PRESENCE_CONSUMER),)
         # What the splitter's rounds did, per device, not yet in the registry.
         self._forwarded: dict[str, list[DeviceEvent]] = {}
         self._forwarded_ready = asyncio.Event()
@@ -254,11 +243,8 @@ class Gateway:
                 await self.command_relay.start()
             else:
                 log.warning("no MQTT listener given: configuration and commands are not sent to the boards")
-            subscriptions = [await self._subscribe(feed) for feed in self._feeds]
-            self._consumer_tasks = [
-                asyncio.create_task(self._consume(feed, subscription), name=f"fleet-gateway-{feed.kind}")
-                for feed, subscription in zip(self._feeds, subscriptions)
-            ]
+            presence = await self._subscribe()
+            self._consumer_tasks = [asyncio.create_task(self._consume(presence), name="fleet-gateway-presence")]
             self._consumer_tasks.append(
                 asyncio.create_task(self._write_forwarded(), name="fleet-gateway-forwarded")
             )
@@ -373,19 +359,23 @@ class Gateway:
             await self._js.update_stream(config)
             log.info("stream %s updated to the configured limits", config.name)
 
-    async def _subscribe(self, feed: _StreamFeed) -> JetStreamContext.PullSubscription:
+    async def _subscribe(self) -> JetStreamContext.PullSubscription:
+        """The durable consumer of the boards' presence (the registry's
+        only stream: readings come from the splitter)."""
         assert self._js is not None
         consumer = api.ConsumerConfig(
-            description=f"fleet gateway: {feed.kind} into the device registry",
+            description="fleet gateway: presence into the device registry",
             deliver_policy=api.DeliverPolicy.ALL,
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=self.config.ack_wait,
             max_deliver=-1,
         )
-        return await self._js.pull_subscribe(feed.subject, durable=feed.durable, stream=feed.stream, config=consumer)
+        return await self._js.pull_subscribe(
+            nats_subject("*", "status"), durable=PRESENCE_CONSUMER, stream=PRESENCE_STREAM, config=consumer
+        )
 
     # -- consuming -----------------------------------------------------------------
-    async def _consume(self, feed: _StreamFeed, subscription: JetStreamContext.PullSubscription) -> None:
+    async def _consume(self, subscription: JetStreamContext.PullSubscription) -> None:
         backoff = 0.5
         while not self._stopping.is_set():
             try:
@@ -397,25 +387,23 @@ class Gateway:
             except Exception as error:
                 if self._stopping.is_set():
                     break
-                log.warning("%s: fetch failed (%r); retrying in %.1f s", feed.kind, error, backoff)
+                log.warning("presence: fetch failed (%r); retrying in %.1f s", error, backoff)
                 if isinstance(error, APIError):
                     # The stream or consumer may have been deleted by hand:
                     # put them back (the stream then captures from now on).
-                    subscription = await self._resubscribe(feed, subscription)
+                    subscription = await self._resubscribe(subscription)
                 await self._sleep_unless_stopping(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
             backoff = 0.5
-            await self._process_batch(feed, messages)
+            await self._process_batch(messages)
 
-    async def _resubscribe(
-        self, feed: _StreamFeed, subscription: JetStreamContext.PullSubscription
-    ) -> JetStreamContext.PullSubscription:
+    async def _resubscribe(self, subscription: JetStreamContext.PullSubscription) -> JetStreamContext.PullSubscription:
         try:
             await self._ensure_stream(self._presence_stream_config())
-            fresh = await self._subscribe(feed)
+            fresh = await self._subscribe()
         except Exception as error:
-            log.warning("%s: cannot set up the consumer again: %s", feed.kind, error)
+            log.warning("presence: cannot set up the consumer again: %s", error)
             return subscription
         try:
             await subscription.unsubscribe()
@@ -429,7 +417,7 @@ class Gateway:
         except asyncio.TimeoutError:
             pass
 
-    def _decode(self, feed: _StreamFeed, device_id: str, message: Msg) -> DeviceEvent:
+    def _decode(self, device_id: str, message: Msg) -> DeviceEvent:
         metadata = message.metadata
         at = metadata.timestamp.timestamp()
         stream_seq = metadata.sequence.stream
@@ -438,22 +426,21 @@ class Gateway:
         except MalformedPayload as error:
             self.counters.malformed += 1
             log.warning(
-                "device %s: malformed %s payload (%s): %r",
-                device_id, feed.kind, error.args[0], message.data[:120],
+                "device %s: malformed presence payload (%s): %r", device_id, error.args[0], message.data[:120]
             )
             return DeviceEvent(at, stream_seq, malformed=str(error.args[0]))
 
-    async def _process_batch(self, feed: _StreamFeed, messages: list[Msg]) -> None:
+    async def _process_batch(self, messages: list[Msg]) -> None:
         by_device: dict[str, list[tuple[DeviceEvent, Msg]]] = {}
         for message in messages:
             self.counters.messages += 1
             device_id = device_id_of(message.subject)
             if device_id is None:
                 self.counters.rejected += 1
-                log.warning("%s: no valid device id in subject %r; dropped", feed.kind, message.subject)
+                log.warning("presence: no valid device id in subject %r; dropped", message.subject)
                 await quietly(message.term())
                 continue
-            by_device.setdefault(device_id, []).append((self._decode(feed, device_id, message), message))
+            by_device.setdefault(device_id, []).append((self._decode(device_id, message), message))
         await asyncio.gather(*(self._settle(device_id, items) for device_id, items in by_device.items()))
 
     async def _settle(self, device_id: str, items: list[tuple[DeviceEvent, Msg]]) -> None:
