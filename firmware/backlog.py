@@ -295,8 +295,8 @@ class BacklogLog:
         # The record at f's position, or None at the end or at a torn or
         # corrupt record (which is counted). Read for every record forwarded:
         # the header goes into a buffer kept for it and is decoded by hand,
-        # so a record costs the heap its body only (the garbage of reading
-        # a backlog was most of a forwarding board's time, in collections).
+        # so a record costs the heap its body only (on a small heap a
+        # forwarding board spends most of its time collecting garbage).
         header = self._header
         if f.readinto(header) != _HEADER:
             return None

@@ -48,8 +48,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client
-from nats.errors import ConnectionClosedError, ConnectionReconnectingError
 from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError, ConnectionReconnectingError
 from nats.js import JetStreamContext, api
 from nats.js.errors import (
     KeyNotFoundError,
