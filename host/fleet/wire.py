@@ -334,6 +334,8 @@ class ReadingBatch:
             value = _json_object(lines[0] + b"]}")
         except MalformedPayload:
             return None
+        if value.get("records") != []:
+            return None
         try:
             # The lines as text too, decoded at once: a newline is one byte
             # in UTF-8 and never inside another character, so the two
@@ -343,8 +345,6 @@ class ReadingBatch:
             # A line that is not UTF-8 is a bad record, not a bad batch:
             # "\0" is never JSON.
             texts = [_utf8_or_nul(line) for line in lines]
-        if value.get("records") != []:
-            return None
         parsed: list[ForwardedRecord] = []
         malformed = 0
         last = len(lines) - 2
