@@ -270,7 +270,6 @@ def forwarding(server: NatsServer, data: Path, count: int = 10_000, latency_s: i
             _wait(lambda: len(_stream_times(server.url, "bench-001")) >= started + latency_s, latency_s * 2 + 30, "live readings")
             live = [row for row in _stream_times(server.url, "bench-001") if row[0] >= count][-latency_s:]
             sim.stop_all()
-            splitter.on_round = note_round  # the CPU figures are the first board's
             before = _stored_count(server.url)
             pico_sim.start("bench-pico")
             _wait(lambda: _stored_count(server.url) >= before + count, 600, f"{count} more readings in the stream")
