@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import nats
 import paho.mqtt.client as mqtt
-from nats.errors import ConnectionReconnectingError
 import pytest
+from nats.errors import ConnectionReconnectingError
 from support import GatewayThread, stored_readings, wait_for
 
 from fleet.forwarding import publish_chain
