@@ -16,7 +16,9 @@
 #
 # next_batch() hands out flushed records first, then the ones still in RAM:
 # while the link keeps up, a reading the broker acknowledges before its
-# flush is due is never written to flash at all.
+# flush is due is never written to flash at all. A backlog on flash is read
+# a batch at a time, in one read, into a buffer kept while there is one; its
+# records are handed out as views into that buffer, not copies.
 import binascii
 import json
 import os
@@ -48,6 +50,7 @@ class BacklogLog:
         # for a growing block, which a heap fragmented by a busy forwarder
         # cannot always give (readings were lost to MemoryError that way).
         self.pending = bytearray(max(pending_bytes, _HEADER + _MAX_RECORD))
+        self._pending_view = memoryview(self.pending)
         self.pending_start = 0  # records before it were acknowledged from RAM
         self.pending_len = 0
         self.pending_count = 0
@@ -59,7 +62,8 @@ class BacklogLog:
         self.unsent = 0  # flushed records not yet acknowledged
         self.flushes = 0  # a RAM batch handed out before a flush is stale after it
         self._corrupt_at = None
-        self._header = bytearray(_HEADER)
+        self._chunk = None  # the read buffer (_chunk_for), and a view of it
+        self._view = None
         try:
             os.mkdir(folder)
         except OSError:
@@ -201,6 +205,7 @@ class BacklogLog:
         if start is not None:
             return bodies, None
         self.unsent = 0  # everything readable on flash is acknowledged
+        self._chunk = self._view = None  # no backlog on flash: no read buffer
         bodies = []
         used = 0
         pending = self.pending
@@ -209,7 +214,7 @@ class BacklogLog:
             n = pending[at] | (pending[at + 1] << 8)
             if bodies and used + n > max_bytes:
                 break
-            bodies.append(bytes(pending[at + _HEADER:at + _HEADER + n]))
+            bodies.append(self._pending_view[at + _HEADER:at + _HEADER + n])
             used += n
             at += _HEADER + n
         return bodies, (None, len(bodies), at, self.flushes)
@@ -230,46 +235,92 @@ class BacklogLog:
     def read_batch(self, max_bytes, start=None):
         # Returns (bodies, position after them), from the cursor or from
         # `start` when that is past it. Only flushed records are read; the
-        # caller flushes first when it wants everything.
+        # caller flushes first when it wants everything. The bodies are
+        # memoryviews into the log's read buffer, good until the next read:
+        # send them (or copy them) before reading again.
         bodies = []
         used = 0
+        filled = 0
         seg, off = self.seg, self.off
         if start is not None and start > (seg, off):
             seg, off = start
-        f = None
         while True:
-            if f is None:
-                if seg not in self.segments:
-                    later = self._after(seg)
-                    if later is None:
-                        break
-                    seg, off = later, 0
-                try:
-                    f = open(self._path(seg), "rb")
-                except OSError:  # lost or unreadable: go on with the next one
-                    later = self._after(seg)
-                    if later is None:
-                        break
-                    seg, off = later, 0
-                    continue
-                f.seek(off)
-            body = self._next(f)
-            if body is None:  # end of this segment (or a torn/corrupt tail)
-                f.close()
-                f = None
+            if seg not in self.segments:
                 later = self._after(seg)
-                if later is None or seg == self.active:
+                if later is None:
                     break
                 seg, off = later, 0
-                continue
-            if bodies and used + len(body) > max_bytes:
+            off, used, filled, ended = self._scan(seg, off, max_bytes, bodies, used, filled)
+            if not ended:
+                break  # the batch or the buffer is full
+            later = self._after(seg)
+            if later is None or seg == self.active:
                 break
-            bodies.append(body)
-            used += len(body)
-            off += _HEADER + len(body)
-        if f is not None:
-            f.close()
+            seg, off = later, 0
         return bodies, (seg, off)
+
+    def _chunk_for(self, max_bytes):
+        # The read buffer: kept while there is a backlog on flash (next_batch
+        # lets it go once there is none), so forwarding a backlog allocates
+        # a small view per record instead of a copy of it, and reads flash
+        # once per batch, not twice per record.
+        # Returns it and a view of it. Never replaced while a batch is being
+        # read: that batch asked for the same size when it began.
+        size = max_bytes + _HEADER + _MAX_RECORD
+        chunk = self._chunk
+        view = self._view
+        if chunk is None or view is None or len(chunk) < size:
+            self._chunk = self._view = None  # let the old one go before asking for the new one
+            chunk = self._chunk = bytearray(size)
+            view = self._view = memoryview(chunk)
+        return chunk, view
+
+    def _scan(self, seg, off, max_bytes, bodies, used, filled):
+        # Reads segment `seg` from `off` into the read buffer after its
+        # first `filled` bytes, and appends each good record to `bodies`
+        # while their total stays within max_bytes (the first one always
+        # goes). Returns (off, used, filled, ended) after them: ended is
+        # True when the segment has no more good records (its end, or a
+        # torn or corrupt record, counted once), False when the batch or
+        # the buffer is full.
+        try:
+            with open(self._path(seg), "rb") as f:
+                if f.seek(0, 2) <= off:
+                    return off, used, filled, True  # read to its end (online, the usual case)
+                chunk, view = self._chunk_for(max_bytes)  # only now: no buffer while there is nothing to read
+                f.seek(off)
+                got = f.readinto(view[filled:])
+        except OSError:  # lost or unreadable: go on with the next one
+            return off, used, filled, True
+        at_end = filled + got < len(chunk)  # a short read: the segment's end is in the buffer
+        end = filled + got
+        p = filled
+        while True:
+            left = end - p
+            if left < _HEADER:
+                return off, used, p, at_end  # a torn header at the end is not a record
+            n = chunk[p] | chunk[p + 1] << 8
+            if n > _MAX_RECORD or (at_end and _HEADER + n > left):
+                self._count_corrupt(seg, off, n)  # torn, or a length no record has
+                return off, used, p, True
+            if _HEADER + n > left or (bodies and used + n > max_bytes):
+                return off, used, p, False
+            body = view[p + _HEADER : p + _HEADER + n]
+            crc = chunk[p + 2] | chunk[p + 3] << 8 | chunk[p + 4] << 16 | chunk[p + 5] << 24
+            if binascii.crc32(body) != crc:
+                self._count_corrupt(seg, off, n)
+                return off, used, p, True
+            bodies.append(body)
+            used += n
+            p += _HEADER + n
+            off += _HEADER + n
+
+    def _count_corrupt(self, seg, off, n):
+        # Counted once per record, however often it is read.
+        at = (seg, off, n)
+        if at != self._corrupt_at:
+            self._corrupt_at = at
+            self.corrupt += 1
 
     def _after(self, seg):
         for number in self.segments:
@@ -291,35 +342,17 @@ class BacklogLog:
         while self.segments and self.segments[0] < self.seg:
             self._remove(self.segments.pop(0))
 
-    def _next(self, f):
-        # The record at f's position, or None at the end or at a torn or
-        # corrupt record (which is counted). Read for every record forwarded:
-        # the header goes into a buffer kept for it and is decoded by hand,
-        # so a record costs the heap its body only (on a small heap a
-        # forwarding board spends most of its time collecting garbage).
-        header = self._header
-        if f.readinto(header) != _HEADER:
-            return None
-        n = header[0] | header[1] << 8
-        crc = header[2] | header[3] << 8 | header[4] << 16 | header[5] << 24
-        body = f.read(n) if n <= _MAX_RECORD else b""
-        if len(body) != n or binascii.crc32(body) != crc:
-            at = (f.tell(), n, crc)
-            if at != self._corrupt_at:  # count each bad record once, not per read
-                self._corrupt_at = at
-                self.corrupt += 1
-            return None
-        return body
-
     def _count(self, seg, off):
+        # Good records in segment `seg` from `off`.
+        kept = self._chunk is not None
         count = 0
-        try:
-            with open(self._path(seg), "rb") as f:
-                f.seek(off)
-                while self._next(f) is not None:
-                    count += 1
-        except OSError:
-            pass
+        ended = False
+        while not ended:
+            bodies = []
+            off, _, _, ended = self._scan(seg, off, 2048, bodies, 0, 0)
+            count += len(bodies)
+        if not kept:
+            self._chunk = self._view = None
         return count
 
     def _path(self, number):

@@ -62,6 +62,7 @@ class Inbox:
 
 def _seq_of(body):
     # The "seq" of a record as record() wrote it, without parsing it all.
+    body = bytes(body)  # the log hands out memoryviews, which have no find()
     at = body.find(b'"seq": ') + 7
     end = at
     while 48 <= body[end] <= 57:

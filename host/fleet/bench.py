@@ -58,7 +58,7 @@ class ForwardingFigures:
     records: int
     record_bytes: float  # mean size of one reading's JSON
     forwarded_per_s: float  # backlog readings landing in FLEET_TELEMETRY, exactly once
-    qos0_per_s: float  # the ceiling: plain umqtt.simple QoS 0, no log
+    qos0_per_s: float  # the ceiling: plain umqtt.simple QoS 0, no log (median of 3, see qos0_run)
     python_per_s: float  # nats-py publishes acked per batch: the splitter's own ceiling
     exactly_once: bool
     # CPU per reading forwarded, microseconds: (board, broker, gateway), from
@@ -186,15 +186,15 @@ def python_publish_ceiling(server: NatsServer, count: int, per_round: int = PYTH
     return asyncio.run(run())
 
 
-# A run of the ceiling streams for 50-100 ms only, and its rate moved by
-# half from one bench run to the next: the median of a few is reported.
-CEILING_RUNS = 3
-
-
-def qos0_ceiling(server: NatsServer, count: int, runs: int = CEILING_RUNS) -> tuple[float, float]:
+def qos0_run(server: NatsServer, count: int) -> tuple[float, float]:
     """Plain umqtt.simple QoS 0 publishes of the same readings, no log, into
     a stream of their own: readings per second as stored, and the board's
-    microseconds per reading, each the median of `runs` runs."""
+    microseconds per reading.
+
+    A run streams for 50-100 ms only, and its rate moved by half from one
+    bench run to the next with the machine's other load: forwarding() runs
+    it before, between and after the two backlogs, and reports the median.
+    """
     async def empty_stream() -> None:
         nc = await connect(server.url, name="fleet-bench")
         try:
@@ -204,15 +204,10 @@ def qos0_ceiling(server: NatsServer, count: int, runs: int = CEILING_RUNS) -> tu
         finally:
             await nc.close()
 
-    rates: list[float] = []
-    board_us: list[float] = []
-    for _ in range(runs):
-        asyncio.run(empty_stream())
-        out = _run_micropython("qos0_ceiling.py", server.host, str(server.mqtt_port), str(count))
-        _, sent, elapsed_ms = next(line for line in out.splitlines() if line.startswith("RESULT")).split()
-        rates.append(asyncio.run(_stream_rate(server.url, "BENCH_QOS0", count, 60)))
-        board_us.append(int(elapsed_ms) * 1000 / int(sent))
-    return statistics.median(rates), statistics.median(board_us)
+    asyncio.run(empty_stream())
+    out = _run_micropython("qos0_ceiling.py", server.host, str(server.mqtt_port), str(count))
+    _, sent, elapsed_ms = next(line for line in out.splitlines() if line.startswith("RESULT")).split()
+    return asyncio.run(_stream_rate(server.url, "BENCH_QOS0", count, 60)), int(elapsed_ms) * 1000 / int(sent)
 
 
 # A board like a Pico W in the 64-bit VM: its ~160 KB of heap doubled, and
@@ -247,7 +242,7 @@ def forwarding(server: NatsServer, data: Path, count: int = 10_000, latency_s: i
     _, records, size, _, offline, cycle, state_bytes = _with_backlog(sim, "bench-001", count, batch_bytes)
     pico_sim = Simulator(data / "sim-pico", server.host, server.mqtt_port, heap=PICO_LIKE_HEAP)
     _with_backlog(pico_sim, "bench-pico", count, PICO_LIKE_BATCH)
-    qos0_per_s, qos0_board_us = qos0_ceiling(server, count)
+    ceiling = [qos0_run(server, count)]  # then one between and one after the backlogs
     python_per_s = python_publish_ceiling(server, count)
     assert server.process is not None
     cpu = _CpuPerRound("bench-001", lambda: sim.devices["bench-001"].pid, server.process.pid, count - 1)
@@ -270,6 +265,7 @@ def forwarding(server: NatsServer, data: Path, count: int = 10_000, latency_s: i
             _wait(lambda: len(_stream_times(server.url, "bench-001")) >= started + latency_s, latency_s * 2 + 30, "live readings")
             live = [row for row in _stream_times(server.url, "bench-001") if row[0] >= count][-latency_s:]
             sim.stop_all()
+            ceiling.append(qos0_run(server, count))
             before = _stored_count(server.url)
             pico_sim.start("bench-pico")
             _wait(lambda: _stored_count(server.url) >= before + count, 600, f"{count} more readings in the stream")
@@ -277,16 +273,17 @@ def forwarding(server: NatsServer, data: Path, count: int = 10_000, latency_s: i
         finally:
             sim.stop_all()
             pico_sim.stop_all()
+    ceiling.append(qos0_run(server, count))
     latencies = [(stored_at - recorded) * 1000 for _, stored_at, recorded in live if recorded is not None]
     return ForwardingFigures(
         records=int(records),
         record_bytes=int(size) / int(records),
         forwarded_per_s=forwarded_per_s,
-        qos0_per_s=qos0_per_s,
+        qos0_per_s=statistics.median(rate for rate, _ in ceiling),
         python_per_s=python_per_s,
         exactly_once=exactly_once,
         cpu_us=cpu.per_reading_us(),
-        qos0_board_us=qos0_board_us,
+        qos0_board_us=statistics.median(board_us for _, board_us in ceiling),
         pico_per_s=pico_per_s,
         pico_exactly_once=pico_exactly_once,
         flash_offline_per_record=int(offline) / 2000,
@@ -428,7 +425,7 @@ def throughput() -> None:
     print()
     print(f"Store-and-forward: a backlog of {figures.records:,} readings ({figures.record_bytes:.0f} bytes each), MicroPython unix port, loopback")
     print(f"{'':<52}{'readings/s':>12}{'ratio':>8}")
-    print(f"{f'ceiling: umqtt.simple QoS 0, no log (median of {CEILING_RUNS})':<52}{figures.qos0_per_s:>12.0f}{1:>8.2f}")
+    print(f"{'ceiling: umqtt.simple QoS 0, no log (median of 3)':<52}{figures.qos0_per_s:>12.0f}{1:>8.2f}")
     print(f"{f'nats-py chained publishes, acked {PYTHON_ROUND} at a time':<52}{figures.python_per_s:>12.0f}{figures.python_per_s / figures.qos0_per_s:>8.2f}")
     label = "forwarded into FLEET_TELEMETRY, exactly once" if figures.exactly_once else "forwarded (NOT exactly once!)"
     print(f"{label:<52}{figures.forwarded_per_s:>12.0f}{figures.forwarded_per_s / figures.qos0_per_s:>8.2f}")

@@ -68,7 +68,7 @@ def test_a_reading_refused_for_want_of_heap_is_counted_and_the_next_one_goes_in(
     assert device.record({"temp_c": 22})
     device.backlog.flush()
     bodies, _ = device.backlog.read_batch(4096)
-    assert [json.loads(b)["temp_c"] for b in bodies] == [20, 22], bodies  # nothing torn in between
+    assert [json.loads(bytes(b))["temp_c"] for b in bodies] == [20, 22], bodies  # nothing torn in between
 
 
 def test_a_batch_is_one_record_per_line_and_no_copy_of_it_is_made():
