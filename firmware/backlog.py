@@ -103,7 +103,10 @@ class BacklogLog:
         self.pending_len = at + _HEADER + n
         self.pending_count += 1
         if self.pending_count >= self.flush_records:
-            self.flush()
+            try:
+                self.flush()
+            except MemoryError:
+                pass  # the record is kept, in RAM: the next flush writes it
 
     def flush_due(self):
         return self.pending_count and ticks_diff(ticks_ms(), self.pending_since) >= self.flush_ms
@@ -166,10 +169,13 @@ class BacklogLog:
         # the records in it that were not yet forwarded.
         if not self.segments or self.segments[0] == self.active:
             return False
-        oldest = self.segments.pop(0)
-        if oldest >= self.seg:
-            start = self.off if oldest == self.seg else 0
-            lost = self._count(oldest, start)
+        oldest = self.segments[0]
+        unsent = oldest >= self.seg
+        # Counted before anything changes: counting reads, and a read that
+        # fails for want of heap must leave the log as it was.
+        lost = self._count(oldest, self.off if oldest == self.seg else 0) if unsent else 0
+        self.segments.pop(0)
+        if unsent:
             self.dropped += lost
             self.unsent -= lost
             self.seg, self.off = (self.segments[0] if self.segments else self.active), 0
@@ -259,14 +265,14 @@ class BacklogLog:
             seg, off = later, 0
         return bodies, (seg, off)
 
-    def _chunk_for(self, max_bytes):
+    def _chunk_for(self, size):
         # The read buffer: kept while there is a backlog on flash (next_batch
         # lets it go once there is none), so forwarding a backlog allocates
         # a small view per record instead of a copy of it, and reads flash
         # once per batch, not twice per record.
-        # Returns it and a view of it. Never replaced while a batch is being
-        # read: that batch asked for the same size when it began.
-        size = max_bytes + _HEADER + _MAX_RECORD
+        # Returns it and a view of it, at least `size` bytes. Never replaced
+        # while a batch is being read: that batch asked for the same size
+        # when it began.
         chunk = self._chunk
         view = self._view
         if chunk is None or view is None or len(chunk) < size:
@@ -275,19 +281,20 @@ class BacklogLog:
             view = self._view = memoryview(chunk)
         return chunk, view
 
-    def _scan(self, seg, off, max_bytes, bodies, used, filled):
+    def _scan(self, seg, off, max_bytes, bodies, used, filled, size=0):
         # Reads segment `seg` from `off` into the read buffer after its
         # first `filled` bytes, and appends each good record to `bodies`
         # while their total stays within max_bytes (the first one always
         # goes). Returns (off, used, filled, ended) after them: ended is
         # True when the segment has no more good records (its end, or a
         # torn or corrupt record, counted once), False when the batch or
-        # the buffer is full.
+        # the buffer is full. The buffer holds max_bytes of records, or
+        # `size` bytes when that is given.
         try:
             with open(self._path(seg), "rb") as f:
                 if f.seek(0, 2) <= off:
                     return off, used, filled, True  # read to its end (online, the usual case)
-                chunk, view = self._chunk_for(max_bytes)  # only now: no buffer while there is nothing to read
+                chunk, view = self._chunk_for(size or max_bytes + _HEADER + _MAX_RECORD)  # only now: no buffer while there is nothing to read
                 f.seek(off)
                 got = f.readinto(view[filled:])
         except OSError:  # lost or unreadable: go on with the next one
@@ -343,13 +350,15 @@ class BacklogLog:
             self._remove(self.segments.pop(0))
 
     def _count(self, seg, off):
-        # Good records in segment `seg` from `off`.
+        # Good records in segment `seg` from `off`, read through the read
+        # buffer when there is one, else through the smallest that holds a
+        # record (at boot, or dropping a segment for want of flash).
         kept = self._chunk is not None
         count = 0
         ended = False
         while not ended:
             bodies = []
-            off, _, _, ended = self._scan(seg, off, 2048, bodies, 0, 0)
+            off, _, _, ended = self._scan(seg, off, 1 << 30, bodies, 0, 0, _HEADER + _MAX_RECORD)
             count += len(bodies)
         if not kept:
             self._chunk = self._view = None

@@ -301,3 +301,19 @@ def test_a_batch_read_from_flash_costs_the_heap_views_not_copies():
         gc.enable()
     size = sum(len(b) for b in bodies)
     assert len(bodies) > 20 and allocated < size // 2, (allocated, size)
+
+
+def test_a_reading_whose_flush_finds_no_heap_is_kept_and_written_later():
+    log = BacklogLog(flush_records=4, flush_ms=60000)
+    for i in range(3):
+        log.append(body(i))
+    fourth = body(3)
+    micropython.heap_lock()
+    try:
+        log.append(fourth)  # due to flush, which cannot get heap
+    finally:
+        micropython.heap_unlock()
+    assert log.backlog() == 4 and log.records_flushed == 0
+    log.flush()
+    assert log.records_flushed == 4
+    assert drain(log) == [body(i) for i in range(4)]
