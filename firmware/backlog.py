@@ -294,7 +294,8 @@ class BacklogLog:
             with open(self._path(seg), "rb") as f:
                 if f.seek(0, 2) <= off:
                     return off, used, filled, True  # read to its end (online, the usual case)
-                chunk, view = self._chunk_for(size or max_bytes + _HEADER + _MAX_RECORD)  # only now: no buffer while there is nothing to read
+                # Only now: no buffer while there is nothing to read.
+                chunk, view = self._chunk_for(size or max_bytes + _HEADER + _MAX_RECORD)
                 f.seek(off)
                 got = f.readinto(view[filled:])
         except OSError:  # lost or unreadable: go on with the next one
