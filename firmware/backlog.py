@@ -17,8 +17,8 @@
 # next_batch() hands out flushed records first, then the ones still in RAM:
 # while the link keeps up, a reading the broker acknowledges before its
 # flush is due is never written to flash at all. A backlog on flash is read
-# a batch at a time, in one read, into a buffer kept while there is one; its
-# records are handed out as views into that buffer, not copies.
+# a batch at a time, in one read, into a buffer allocated once; its records
+# are handed out as views into that buffer, not copies.
 import binascii
 import json
 import os
@@ -39,7 +39,7 @@ def _name(number):
 
 class BacklogLog:
     def __init__(self, folder="log", budget=256 * 1024, segment_size=16 * 1024, flush_records=16, flush_ms=1000,
-                 pending_bytes=3072):
+                 pending_bytes=3072, batch_bytes=4096):
         self.folder = folder
         self.budget = budget
         self.segment_size = segment_size
@@ -62,8 +62,14 @@ class BacklogLog:
         self.unsent = 0  # flushed records not yet acknowledged
         self.flushes = 0  # a RAM batch handed out before a flush is stale after it
         self._corrupt_at = None
-        self._chunk = None  # the read buffer (_chunk_for), and a view of it
+        # The read buffer, and a view of it: a backlog on flash is read into
+        # it a batch at a time (batch_bytes of records, and room for their
+        # headers and one record more). Allocated once, here, like the RAM
+        # buffer: asked for at the first backlog, on a heap fragmented by
+        # then, a block this size was not always there (seen in a soak).
+        self._chunk = None
         self._view = None
+        self._chunk_for(batch_bytes + _HEADER + _MAX_RECORD)
         try:
             os.mkdir(folder)
         except OSError:
@@ -211,7 +217,6 @@ class BacklogLog:
         if start is not None:
             return bodies, None
         self.unsent = 0  # everything readable on flash is acknowledged
-        self._chunk = self._view = None  # no backlog on flash: no read buffer
         bodies = []
         used = 0
         pending = self.pending
@@ -266,13 +271,12 @@ class BacklogLog:
         return bodies, (seg, off)
 
     def _chunk_for(self, size):
-        # The read buffer: kept while there is a backlog on flash (next_batch
-        # lets it go once there is none), so forwarding a backlog allocates
-        # a small view per record instead of a copy of it, and reads flash
-        # once per batch, not twice per record.
-        # Returns it and a view of it, at least `size` bytes. Never replaced
-        # while a batch is being read: that batch asked for the same size
-        # when it began.
+        # The read buffer, at least `size` bytes, and a view of it: records
+        # are handed out as views of it, so forwarding a backlog allocates a
+        # small view per record instead of a copy of it, and reads flash
+        # once per batch, not twice per record. Grown only for a batch
+        # larger than batch_bytes, and never while one is being read: that
+        # batch asked for the same size when it began.
         chunk = self._chunk
         view = self._view
         if chunk is None or view is None or len(chunk) < size:
@@ -294,7 +298,6 @@ class BacklogLog:
             with open(self._path(seg), "rb") as f:
                 if f.seek(0, 2) <= off:
                     return off, used, filled, True  # read to its end (online, the usual case)
-                # Only now: no buffer while there is nothing to read.
                 chunk, view = self._chunk_for(size or max_bytes + _HEADER + _MAX_RECORD)
                 f.seek(off)
                 got = f.readinto(view[filled:])
@@ -351,18 +354,13 @@ class BacklogLog:
             self._remove(self.segments.pop(0))
 
     def _count(self, seg, off):
-        # Good records in segment `seg` from `off`, read through the read
-        # buffer when there is one, else through the smallest that holds a
-        # record (at boot, or dropping a segment for want of flash).
-        kept = self._chunk is not None
+        # Good records in segment `seg` from `off`.
         count = 0
         ended = False
         while not ended:
             bodies = []
             off, _, _, ended = self._scan(seg, off, 1 << 30, bodies, 0, 0, _HEADER + _MAX_RECORD)
             count += len(bodies)
-        if not kept:
-            self._chunk = self._view = None
         return count
 
     def _path(self, number):

@@ -105,7 +105,7 @@ class Device:
         self.telemetry = Telemetry(self, settings["telemetry_interval_ms"])
         self.backlog = BacklogLog(
             "log", settings["backlog_budget"], max(1024, settings["backlog_budget"] // 16),
-            settings["flush_records"], settings["flush_ms"],
+            settings["flush_records"], settings["flush_ms"], batch_bytes=settings["batch_bytes"],
         )
         self.recorded = asyncio.Event()
         self.link.on_up = self.recorded.set  # forward the backlog as soon as the link is up

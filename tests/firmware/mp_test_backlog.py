@@ -282,15 +282,14 @@ def test_a_full_ram_buffer_goes_to_flash_before_the_count_is_reached():
 
 
 def test_a_batch_read_from_flash_costs_the_heap_views_not_copies():
-    # Forwarding a backlog, records are read into a buffer kept while there
-    # is a backlog, one flash read per batch, and handed out as views of
-    # it. Copies cost the heap a batch's size for every batch, and a board
-    # forwarding a backlog on a small heap its time in garbage collection.
+    # Forwarding a backlog, records are read into a buffer allocated once,
+    # one flash read per batch, and handed out as views of it. Copies cost
+    # the heap a batch's size for every batch, and a board forwarding a
+    # backlog on a small heap its time in garbage collection.
     log = BacklogLog(flush_records=16)
     for i in range(200):
         log.append(b'{"seq": %d, "note": "%s"}' % (i, "x" * 120))
     log.flush()
-    log.read_batch(4096)  # the buffer is allocated once, for the first batch
     gc.collect()
     gc.disable()
     try:
