@@ -69,7 +69,13 @@ class BacklogLog:
         # then, a block this size was not always there (seen in a soak).
         self._chunk = None
         self._view = None
-        self._chunk_for(batch_bytes + _HEADER + _MAX_RECORD)
+        try:
+            self._chunk_for(batch_bytes + _HEADER + _MAX_RECORD)
+        except MemoryError:
+            # Not now (after a soft reboot the last boot's objects may not be
+            # collected yet): asked for again when a backlog is first read,
+            # where the forwarder answers a MemoryError with smaller batches.
+            pass
         try:
             os.mkdir(folder)
         except OSError:

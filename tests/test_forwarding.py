@@ -203,7 +203,8 @@ def test_the_firmware_layout_keeps_each_record_as_sent_and_a_corrupt_one_costs_o
     batch = ReadingBatch.parse(torn)
     assert batch.malformed == 1 and [r.seq for r in batch.records] == [6]
     # A record that is not UTF-8, or not a reading, costs only itself too.
-    for bad in (b'{"seq": 5, "t": "\xff"}', b'{"seq": 5, "temp_c": true}', b'{"seq": -5}', b'[5]'):
+    for bad in (b'{"seq": 5, "t": "\xff"}', b'{"seq": 5, "temp_c": true}', b'{"seq": -5}', b'[5]',
+                b'{"seq": 5, "t": NaN}'):
         batch = ReadingBatch.parse(sent.replace(b'{"seq": 5, "t": 1.5}', bad))
         assert batch.malformed == 1 and [r.seq for r in batch.records] == [6], bad
     # JSON laid out otherwise that happens to start and end like it: parsed whole.

@@ -316,3 +316,24 @@ def test_a_reading_whose_flush_finds_no_heap_is_kept_and_written_later():
     log.flush()
     assert log.records_flushed == 4
     assert drain(log) == [body(i) for i in range(4)]
+
+
+class _RefusedOnce(BacklogLog):
+    # A heap that cannot give the read buffer when the log is made (a soft
+    # reboot before the last boot's objects are collected), and can later.
+    refused = False
+
+    def _chunk_for(self, size):
+        if not self.refused:
+            self.refused = True
+            raise MemoryError("memory allocation failed")
+        return BacklogLog._chunk_for(self, size)
+
+
+def test_a_log_refused_its_read_buffer_at_boot_boots_and_reads_all_the_same():
+    log = BacklogLog(flush_records=1)
+    for i in range(5):
+        log.append(body(i))
+    rebooted = _RefusedOnce(flush_records=1)
+    assert rebooted.backlog() == 5
+    assert drain(rebooted) == [body(i) for i in range(5)]
