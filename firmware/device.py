@@ -474,15 +474,13 @@ class Device:
         self.link.close()
 
     def release(self):
-        # Stopped for good: let go of everything built at boot. The next
-        # boot after a soft reboot builds its Device in this same heap, and
-        # MicroPython's GC is conservative: a stale pointer left in a
-        # register can keep this object alive a while longer (seen in the
-        # VM: 31 KB held through three gc.collect() calls), which must not
-        # keep its buffers (the packet, the log's RAM and read buffers: 12
-        # KB) from the next boot, which failed for want of them.
-        self.link = self.backlog = self.telemetry = self.commands = self.config = None
-        self.inbox = self.screen = self.board = None
+        # Stopped for good: let go of everything built at boot, every
+        # attribute, so that should anything still point at this Device
+        # (MicroPython's GC is conservative: a stale register will do) it
+        # holds no buffers the next boot, in this same heap, needs. main()
+        # runs each boot in a frame of its own for the same reason (_boot).
+        for name in self.__dict__:  # a copy in MicroPython, and no key is added
+            setattr(self, name, None)
 
 
 def load_settings(protocol):
@@ -524,16 +522,29 @@ def _new_device():
     return Device(load_settings(protocol), protocol)
 
 
+def _boot():
+    # One boot, from building the Device to its stop; True when it asked
+    # for a reboot. A function of its own for the heap's sake: MicroPython's
+    # GC is conservative and scans the whole frame of every function still
+    # running, stale slots included. Left in main(), the stopped device's
+    # temporaries kept its link, log and tasks (17 KB at 128k, measured in
+    # the VM) alive into the next boot, which then failed for want of them.
+    # Once this returns, its frame is off the stack and no longer scanned.
+    device = _new_device()
+    try:
+        gc.collect()
+        asyncio.run(device.run())
+        return device.reboot_requested
+    finally:
+        device.release()
+
+
 def main():
     _check_version()
     while True:
         gc.collect()
-        device = None
         try:
-            device = _new_device()
-            gc.collect()
-            asyncio.run(device.run())
-            if device.reboot_requested:
+            if _boot():
                 log("rebooting")
                 profile.reset()  # real boards do not come back from this
         except KeyboardInterrupt:
@@ -544,7 +555,4 @@ def main():
             log("firmware error, restarting in 5 s:")
             sys.print_exception(e)
             sleep_ms(5000)
-        if device is not None:
-            device.release()
-        device = None
         asyncio.new_event_loop()
