@@ -107,7 +107,7 @@ class Commands:
         if outcome is not None and not isinstance(outcome, (int, float, bool)):
             text = json.dumps(outcome)
             if len(text) > _KEPT_OUTCOME:
-                outcome = "(sent; %d bytes, not kept)" % len(text)
+                outcome = "(%d bytes of JSON, not kept)" % len(text)
         entry = self._find(command_id)
         if entry is None:
             self.done.append([command_id, status, outcome])
@@ -192,4 +192,12 @@ class Commands:
     def _finish(self, command_id, status, outcome):
         self.log("cmd %s: %s" % (command_id, status))
         self._remember(command_id, status, outcome)
-        self._send(command_id, status, outcome)
+        try:
+            self._send(command_id, status, outcome)
+        except MemoryError:
+            # It ran: "failed" would be untrue, and could make someone run
+            # it again. What was kept is short (or a note saying the result
+            # was too long to keep), and is what a redelivery gets too.
+            gc.collect()
+            self.log("cmd %s: out of memory for its result; sending what was kept" % command_id)
+            self._send(command_id, status, self._find(command_id)[2])

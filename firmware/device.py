@@ -463,8 +463,9 @@ class Device:
                 await asyncio.sleep_ms(pause_ms)
 
     async def run(self):
-        compiled = " from .mpy" if __file__.endswith(".mpy") else ""
-        log("device %s: %s firmware %s%s, boot %d (%s)" % (self.id, profile.NAME, self.firmware, compiled, self.state.boots, profile.reset_cause()))
+        # Where the code runs from: a ROM partition (in place, no heap), .mpy or source.
+        where = " from ROM" if __file__.startswith("/rom/") else " from .mpy" if __file__.endswith(".mpy") else ""
+        log("device %s: %s firmware %s%s, boot %d (%s)" % (self.id, profile.NAME, self.firmware, where, self.state.boots, profile.reset_cause()))
         asyncio.create_task(self.keep_running("link", self.link.run))
         asyncio.create_task(self.keep_running("dispatch", self.dispatch))
         asyncio.create_task(self.keep_running("forward", self.forward))

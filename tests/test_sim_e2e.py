@@ -272,6 +272,19 @@ def test_a_board_runs_from_the_compiled_mpy_files(
     wait_for(lambda: len(stored_readings(server.url, "sim-001")) >= 3, "readings from the .mpy board", 15)
 
 
+def test_a_board_runs_in_place_from_a_rom_image(
+    simulators: Callable[..., Simulator], server: NatsServer, gateway: GatewayThread
+) -> None:
+    # The compiled firmware packed by `mpremote romfs build`, mounted at /rom
+    # from memory outside the VM's heap, as a board's ROM partition is.
+    simulator = simulators("rom-sim", settings_defaults=FAST, romfs=True)
+    (device,) = simulator.start_fleet(1)
+    log = simulator.wait_for_log("sim-001", "link: up")
+    assert "sim firmware 0.1.0 from ROM" in log
+    assert not [p.name for p in device.flash_dir.iterdir() if p.suffix in (".py", ".mpy")]
+    wait_for(lambda: len(stored_readings(server.url, "sim-001")) >= 3, "readings from the ROM board", 15)
+
+
 def test_a_safe_file_keeps_the_firmware_from_starting(sim: Simulator) -> None:
     device = sim.add("sim-001")
     (device.flash_dir / "SAFE").write_text("")

@@ -384,23 +384,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="each short run of the heap bisection (default: %(default)s)")
     parser.add_argument("--heap", type=int, metavar="KB",
                         help="skip the bisection: soak the firmware at this heap only")
+    parser.add_argument("--romfs", action="store_true",
+                        help="run the firmware in place from a ROM image, as a board with a ROM partition does")
     args = parser.parse_args(argv)
     if args.only != "memory":
         throughput()
     if args.only != "throughput":
         if args.only is None:
             print()
-        memory(args.probe, args.soak, args.heap)
+        memory(args.probe, args.soak, args.heap, args.romfs)
     return 0
 
 
-def memory(probe_s: float, soak_s: float, heap_kb: int | None = None) -> None:
+def memory(probe_s: float, soak_s: float, heap_kb: int | None = None, romfs: bool = False) -> None:
     from .memorybench import measure
 
-    print("Heap: the smallest -X heapsize (unix port, 64-bit) that runs the whole firmware from .mpy,")
+    source = "in place from a ROM image" if romfs else "from .mpy"
+    print(f"Heap: the smallest -X heapsize (unix port, 64-bit) that runs the whole firmware {source},")
     print("every feature busy (see fleet/memorybench.py), beside a bare umqtt.simple loop in the same run")
     with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "server") as server:
-        figures = measure(server, Path(tmp), probe_s, soak_s, lambda line: print(line, flush=True), heap_kb)
+        figures = measure(server, Path(tmp), probe_s, soak_s, lambda line: print(line, flush=True), heap_kb, romfs)
     soak = figures.confirmed
     bare = f"{figures.bare_kb} KB" if figures.bare_kb else "more than 64 KB"
     print(f"  {'bare umqtt.simple QoS 1 loop, smallest heap':<52}{bare:>10}")

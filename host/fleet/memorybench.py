@@ -109,12 +109,13 @@ async def _workload(nats_url: str, device: str, soak: Soak, sim: Simulator, dead
         await nc.close()
 
 
-def soak_firmware(server: NatsServer, data_dir: Path, heap_kb: int, seconds: float) -> Soak:
+def soak_firmware(server: NatsServer, data_dir: Path, heap_kb: int, seconds: float, romfs: bool = False) -> Soak:
+    """With romfs, the firmware runs in place from a ROM image (fleet.romfs)."""
     soak = Soak(heap_kb, seconds)
     # One device id per soak: the readings of every soak share the server.
-    device = f"heap-{heap_kb}k-{int(seconds)}s"
-    sim = Simulator(data_dir / f"soak-{heap_kb}k-{int(seconds)}", server.host, server.mqtt_port,
-                    heap=f"{heap_kb}k", fault_injection=True, compiled=True)
+    device = f"heap-{heap_kb}k-{int(seconds)}s{'-rom' if romfs else ''}"
+    sim = Simulator(data_dir / device, server.host, server.mqtt_port,
+                    heap=f"{heap_kb}k", fault_injection=True, compiled=True, romfs=romfs)
     try:
         # Reconnect retries capped at 10 s (the default cap is 60 s): the
         # board is back within seconds of each cut, so every cut ends in a
@@ -190,7 +191,7 @@ class MemoryFigures:
 
 def measure(
     server: NatsServer, data_dir: Path, probe_s: float, soak_s: float, log: Callable[[str], None],
-    heap_kb: int | None = None,
+    heap_kb: int | None = None, romfs: bool = False,
 ) -> MemoryFigures:
     """The smallest heap by bisection, confirmed by a soak; with heap_kb,
     only the soak at that size (the bisection's probes are short and the
@@ -198,7 +199,7 @@ def measure(
     tried: list[Soak] = []
 
     def firmware_passes(heap_kb: int) -> bool:
-        soak = soak_firmware(server, data_dir, heap_kb, probe_s)
+        soak = soak_firmware(server, data_dir, heap_kb, probe_s, romfs)
         tried.append(soak)
         log(f"  firmware at {heap_kb:>3} KB for {probe_s:.0f} s: {'ok' if soak.passed else soak.why}")
         return soak.passed
@@ -212,7 +213,7 @@ def measure(
         firmware_kb = heap_kb if heap_kb is not None else smallest(firmware_passes, 16, 128)
         confirmed = None
         while firmware_kb is not None and firmware_kb <= (heap_kb or 128):
-            confirmed = soak_firmware(server, data_dir, firmware_kb, soak_s)
+            confirmed = soak_firmware(server, data_dir, firmware_kb, soak_s, romfs)
             log(f"  firmware at {firmware_kb:>3} KB for {soak_s:.0f} s: {'ok' if confirmed.passed else confirmed.why}")
             if confirmed.passed:
                 break

