@@ -16,12 +16,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
 import sys
 from pathlib import Path
-
-from .compile import compile_firmware, compile_libraries
-from .flash import mpremote_executable
 
 USAGE = "python -m fleet.romfs IMAGE [micropython args...]: run the unix-port VM over a ROM image"
 ROM_ENV = "FLEET_SIM_ROMFS"  # "address:size" of the image, for the boot line
@@ -45,6 +41,13 @@ class RomfsError(RuntimeError):
 def build_image(board: str, stage: Path, image: Path) -> Path:
     """Compile the firmware for `board` and its libraries into `stage` (as
     `fleet flash` would copy them) and pack that folder into `image`."""
+    # Imported here: each simulated board's VM runs in a process started
+    # with this module, which should cost no more than the plain VM's.
+    import subprocess
+
+    from .compile import compile_firmware, compile_libraries
+    from .flash import mpremote_executable
+
     compile_firmware(board, stage)
     compile_libraries(stage / "lib")
     result = subprocess.run(
