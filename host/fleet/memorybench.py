@@ -38,6 +38,20 @@ from .tail import stored
 TROUBLE = ("MemoryError", "out of memory", "restarting in", "firmware error")
 
 
+def first_trouble(log: str) -> str | None:
+    """The first line of a board's log that shows a sign of TROUBLE, with
+    what it names: for a traceback, its last line (the error itself)."""
+    lines = log.splitlines()
+    for at, line in enumerate(lines):
+        if any(sign in line for sign in TROUBLE):
+            if line.rstrip().endswith(":"):  # "firmware error, restarting in 5 s:" then a traceback
+                error = next((later for later in lines[at + 1:] if not later.startswith((" ", "Traceback"))), None)
+                if error:
+                    return f"{line.strip()} {error.strip()}"
+            return line.strip()
+    return None
+
+
 @dataclass
 class Soak:
     heap_kb: int
@@ -127,7 +141,7 @@ def soak_firmware(server: NatsServer, data_dir: Path, heap_kb: int, seconds: flo
             time.sleep(0.2)
         asyncio.run(_workload(server.url, device, soak, sim, time.monotonic() + seconds))
         log = sim.devices[device].log_text()
-        trouble = next((sign for sign in TROUBLE if sign in log), None)
+        trouble = first_trouble(log)
         readings = asyncio.run(stored(server.url, device))
         soak.readings = len(readings)
         soak.heap_free = [
@@ -136,7 +150,7 @@ def soak_firmware(server: NatsServer, data_dir: Path, heap_kb: int, seconds: flo
         ]
         expected = seconds / 0.25 * 0.6  # at the slower of the two intervals, most of it through cuts
         if not soak.why and trouble:
-            soak.why = f"the log says {trouble!r}"
+            soak.why = f"the log says: {trouble}"
         if not soak.why and not sim.devices[device].running:
             soak.why = "the board's process died"
         if not soak.why and soak.readings < expected:
@@ -222,4 +236,4 @@ def measure(
     return MemoryFigures(firmware_kb, bare_kb, confirmed, tried)
 
 
-__all__ = ["MemoryFigures", "Soak", "bare_loop", "measure", "smallest", "soak_firmware"]
+__all__ = ["MemoryFigures", "Soak", "bare_loop", "first_trouble", "measure", "smallest", "soak_firmware"]
