@@ -26,6 +26,11 @@ def write_atomic(path, data):
     _replace(path, "wb" if isinstance(data, (bytes, bytearray)) else "w", lambda f: f.write(data))
 
 
+def stream_atomic(path, write):
+    # Text that write(f) puts into the file piece by piece.
+    _replace(path, "w", write)
+
+
 def dump_atomic(path, value):
     # A JSON value, streamed into the file by json.dump: never the whole
     # text in the heap at once.

@@ -16,6 +16,9 @@ class FakeDevice:
     def show(self, text):
         self.shown.append(text)
 
+    def info(self):
+        return {"id": "heap-1", "board": "sim", "heap_free": 61952, "backlog": 0, "online": True}
+
 
 class Board:
     def __init__(self):
@@ -95,7 +98,7 @@ def test_the_remembered_ids_are_bounded():
     board = Board()
     for i in range(KEEP + 10):
         board.run("c%d" % i, "ping")
-    assert len(board.commands.done) == KEEP and board.commands.done[0][0] == "c10"
+    assert len(board.commands.done) == KEEP and json.loads(board.commands.done[0])[0] == "c10"
 
 
 def test_a_long_result_is_sent_whole_but_only_a_note_of_it_is_kept():
@@ -161,3 +164,37 @@ def test_a_command_whose_every_answer_finds_no_heap_is_reported_failed_not_left_
     assert refused == ["c7", "c7"]
     assert last == {"id": "c7", "status": "failed", "error": "out of memory on the board"}, last
     assert board.run("c8", "ping")["status"] == "succeeded"  # and it goes on
+
+def test_the_kept_commands_take_one_small_string_each():
+    # 32 kept commands held 6 KB of heap as parsed lists, strings and
+    # outcome dicts on the unix port; as JSON text, about 4 KB.
+    import gc
+
+    board = Board()
+    shapes = [("info", {}), ("display", {"text": "heap test"}), ("blink", {"times": 2}), ("ping", {})]
+    for i in range(KEEP + 8):
+        name, args = shapes[i % 4]
+        board.run("c%015x" % i, name, args)
+    gc.collect()
+    before = gc.mem_alloc()
+    board.commands.done = []
+    gc.collect()
+    held = before - gc.mem_alloc()
+    assert held < 5000, held  # measured: 6,560 bytes as parsed entries, 4,064 as text
+
+
+def test_an_id_that_begins_another_is_not_taken_for_it():
+    board = Board()
+    board.run("c1", "blink", {"times": 1})
+    assert board.run('c1"', "blink", {"times": 2}) == {"id": 'c1"', "status": "succeeded", "result": {"times": 2}}
+    assert board.run("c10", "blink", {"times": 3}) == {"id": "c10", "status": "succeeded", "result": {"times": 3}}
+    assert board.device.blinks == [1, 2, 3]
+    assert board.run("c1", "blink", {"times": 9})["result"] == {"times": 1}  # redelivered: the kept result
+
+
+def test_a_commands_file_with_bad_entries_keeps_the_good_ones():
+    with open("commands.json", "w") as f:
+        f.write('{"done": [["c1", "succeeded", "pong"], 7, ["c2"], [3, "failed", null], ["c4", "failed", "x"]]}')
+    board = Board()
+    assert [json.loads(entry)[0] for entry in board.commands.done] == ["c1", "c4"]
+    assert board.run("c4", "ping") == {"id": "c4", "status": "failed", "error": "x"}
