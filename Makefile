@@ -39,10 +39,10 @@ typecheck: setup
 sim: setup
 	$(BIN)/fleet sim --devices 3 --duration 15 --data-dir build/sim-data
 
-# Flash a board on USB: make flash BOARD=pico_w PORT=/dev/ttyACM0 [SETTINGS=settings.json]
+# Flash a board on USB: make flash BOARD=pico_w PORT=/dev/ttyACM0 [SETTINGS=settings.json] [ROMFS=1]
 flash: setup
-	@test -n "$(BOARD)" -a -n "$(PORT)" || { echo "usage: make flash BOARD=pico_w|esp32|sim PORT=/dev/ttyACM0 [SETTINGS=FILE]"; exit 2; }
-	$(BIN)/fleet flash --board $(BOARD) --port $(PORT) $(if $(SETTINGS),--settings $(SETTINGS))
+	@test -n "$(BOARD)" -a -n "$(PORT)" || { echo "usage: make flash BOARD=pico_w|esp32|sim PORT=/dev/ttyACM0 [SETTINGS=FILE] [ROMFS=1]"; exit 2; }
+	$(BIN)/fleet flash --board $(BOARD) --port $(PORT) $(if $(SETTINGS),--settings $(SETTINGS)) $(if $(ROMFS),--romfs)
 
 bench: setup
 	$(BIN)/python -m fleet.bench

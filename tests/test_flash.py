@@ -165,3 +165,45 @@ def test_mpremote_installs_the_firmware_as_a_mip_package(index: MipIndex, bare_b
     assert result.returncode == 0 and "imports sim" in result.stdout, result.stdout + result.stderr
     assert (bare_board.flash_dir / "device.py").read_bytes() == (FIRMWARE_DIR / "device.py").read_bytes()
     assert (bare_board.flash_dir / "umqtt" / "simple.mpy").exists()  # its dependency, from the index
+
+
+@pytest.fixture
+def rom_board(tmp_path: Path) -> Iterator[VirtualBoard]:
+    with VirtualBoard(tmp_path / "flash", bare=True, rom_bytes=128 * 1024) as board:
+        yield board
+
+
+def test_flash_romfs_puts_the_firmware_in_the_rom_partition_and_the_board_runs_it_in_place(
+    tmp_path: Path, server: NatsServer, gateway: GatewayThread, index: MipIndex, rom_board: VirtualBoard,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings = provision(tmp_path, server, "flashed-rom", capsys)
+    args = flash_command(rom_board, settings, index) + ["--romfs"]
+    flash = rom_board.flash_dir
+    # A copy of the firmware on the flash would be imported before /rom's.
+    (flash / "device.mpy").write_bytes(b"stale, and not even bytecode")
+    assert fleet(args) == 0
+    printed = capsys.readouterr()
+    report = json.loads(printed.out)
+    assert report["rom"] == "deployed" and sorted(report["copied"]) == ["main.py", "settings.json"], report
+    assert "device.mpy" in report["removed"]
+    assert "deploying the ROM image" in printed.err
+    assert rom_board.partition.read_bytes()[:3] == b"\xd2\xcd\x31"  # a ROMFS, written by mpremote romfs deploy
+    # Only main.py and the settings on the flash: the board runs the rest from /rom.
+    assert not [p.name for p in flash.iterdir() if p.suffix in (".mpy", ".py") and p.name != "main.py"]
+    wait_for(lambda: stored_readings(server.url, "flashed-rom"), "readings from the board running from ROM", 30)
+
+    assert fleet(args) == 0  # again: the partition holds that image already
+    report = json.loads(capsys.readouterr().out)
+    assert report["rom"] == "unchanged" and report["copied"] == [] and report["removed"] == [], report
+    before = len(stored_readings(server.url, "flashed-rom"))
+    wait_for(lambda: len(stored_readings(server.url, "flashed-rom")) > before + 2, "readings after the second flash", 30)
+
+
+def test_flash_romfs_refuses_a_board_without_a_rom_partition(
+    tmp_path: Path, server: NatsServer, index: MipIndex, bare_board: VirtualBoard, capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings = provision(tmp_path, server, "no-rom", capsys)
+    assert fleet(flash_command(bare_board, settings, index) + ["--romfs"]) == 1
+    assert "no ROM partition" in capsys.readouterr().err
+    assert not (bare_board.flash_dir / "main.py").exists()  # nothing was copied

@@ -16,6 +16,15 @@ ESP32 and over a socket to a virtual board.
     5. It removes SAFE and starts the firmware: a hard reset on a board; on
        a virtual board (no reset in the unix port) `import main`.
 
+With --romfs, step 4 packs the compiled firmware and profile into a ROM
+image (`mpremote romfs build`) and writes it to the board's ROM partition
+with `mpremote romfs deploy`, unless the partition already holds it; only
+main.py and the settings go to the flash, and any copy of the firmware
+there, which would be imported before /rom, is removed. The code then runs
+in place from flash and takes far less heap. It needs a MicroPython built
+with ROMFS (1.25+ with a ROM partition); the flasher says so when the board
+has none.
+
 Everything goes through the mpremote command line, as a user would run it.
 """
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +45,7 @@ from .compile import compile_firmware, mpy_cross_executable
 from .paths import BOARDS_DIR, BUILD_DIR, FIRMWARE_DIR
 from .protocol import protocol
 from .provision import ProvisionError, check_settings
+from .romfs import RomfsError, pack_image
 
 BOARDS = ("pico_w", "esp32", "sim")
 VIRTUAL = "sim"  # the board whose target is a virtual board: no reset, no watchdog
@@ -72,6 +83,9 @@ class BoardInfo:
     platform: str
     path: list[str]
     hashes: dict[str, str | None]  # file at the top of the flash -> sha256 hex, None when absent
+    # The ROM partition: [size, sha256 of its first bytes (as many as the
+    # image to deploy has)], or None when the board has none.
+    rom: list[Any] | None = None
 
     @property
     def mpy_version(self) -> int:
@@ -79,16 +93,19 @@ class BoardInfo:
 
     @property
     def lib_dir(self) -> str:
-        # Where `mip` puts libraries: the first sys.path entry ending in /lib.
+        # Where `mip` puts libraries: the first sys.path entry ending in
+        # /lib, other than the ROM partition's (read only).
         for entry in self.path:
-            if entry.endswith("/lib"):
+            if entry.endswith("/lib") and not entry.startswith("/rom"):
                 return entry
         return "lib"
 
 
-def _probe_script(names: list[str]) -> str:
+def _probe_script(names: list[str], rom_bytes: int = 0) -> str:
     # Runs on the board: small, no f-strings beyond what 1.21 has, reads
-    # files in 512-byte pieces so a big file needs no big buffer.
+    # files in 512-byte pieces so a big file needs no big buffer. With
+    # rom_bytes, also the ROM partition: its size and the sha256 of its
+    # first rom_bytes bytes.
     return (
         "import sys, json, binascii\n"
         "try:\n import hashlib\nexcept ImportError:\n hashlib = None\n"
@@ -106,9 +123,26 @@ def _probe_script(names: list[str]) -> str:
         "   d.update(b)\n"
         " f.close()\n"
         " return binascii.hexlify(d.digest()).decode() if d else 'present'\n"
+        "def _rom(n):\n"
+        " try:\n"
+        "  import vfs\n"
+        "  if not n or not hasattr(vfs, 'rom_ioctl') or vfs.rom_ioctl(1) < 1:\n"
+        "   return None\n"
+        "  m = vfs.rom_ioctl(2, 0)\n"
+        "  if isinstance(m, int) or hasattr(m, 'ioctl'):\n"
+        "   return None\n"
+        "  m = memoryview(m)\n"
+        "  if not hashlib:\n"
+        "   return [len(m), None]\n"
+        "  d = hashlib.sha256()\n"
+        "  for i in range(0, min(n, len(m)), 512):\n"
+        "   d.update(bytes(m[i:min(i + 512, n)]))\n"
+        "  return [len(m), binascii.hexlify(d.digest()).decode()]\n"
+        " except Exception:\n"
+        "  return None\n"
         "print('FLEET-PROBE', json.dumps({'v': list(sys.implementation.version[:3]),"
         " 'mpy': getattr(sys.implementation, '_mpy', 0), 'platform': sys.platform, 'path': sys.path,"
-        f" 'files': dict((n, _h(n)) for n in {names!r})}}))\n"
+        f" 'files': dict((n, _h(n)) for n in {names!r}), 'rom': _rom({rom_bytes})}}))\n"
     )
 
 
@@ -137,14 +171,14 @@ class Mpremote:
                     self.echo(f"  {line.strip()}")
         return result.stdout
 
-    def probe(self, names: list[str]) -> BoardInfo:
-        out = self.run("exec", _probe_script(names))
+    def probe(self, names: list[str], rom_bytes: int = 0) -> BoardInfo:
+        out = self.run("exec", _probe_script(names, rom_bytes))
         for line in out.splitlines():
             if line.startswith("FLEET-PROBE "):
                 data = json.loads(line[len("FLEET-PROBE ") :])
                 return BoardInfo(
                     micropython=tuple(data["v"]), mpy=int(data["mpy"]), platform=str(data["platform"]),
-                    path=list(data["path"]), hashes=dict(data["files"]),
+                    path=list(data["path"]), hashes=dict(data["files"]), rom=data.get("rom"),
                 )
         raise FlashError(f"the board did not answer the probe; it said: {out.strip()[-200:]!r}")
 
@@ -168,6 +202,7 @@ class FlashReport:
     unchanged: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     packages: list[str] = field(default_factory=list)
+    rom: str = ""  # with --romfs: "deployed" or "unchanged"
 
 
 def check_board(info: BoardInfo, mpy_cross: tuple[int, int]) -> None:
@@ -236,6 +271,7 @@ def flash(
     index: str | None = None,
     progress: Progress = print,
     verbose: bool = False,
+    romfs: bool = False,
 ) -> FlashReport:
     if board not in BOARDS:
         raise FlashError(f"unknown board {board!r} (known: {', '.join(BOARDS)})")
@@ -246,9 +282,16 @@ def flash(
     compile_firmware(board, staged_dir)
     local_files = sorted(p.name for p in staged_dir.iterdir() if p.is_file())
     wanted = {name: (staged_dir / name).read_bytes() for name in local_files}
+    image: Path | None = None
+    in_rom: list[str] = []  # with --romfs: what goes in the image, and must not be on the flash
+    if romfs:
+        image = _rom_image(staged_dir, BUILD_DIR / "flash" / f"{board}.romfs")
+        in_rom = [name for name in wanted if name != "main.py"]
+        wanted = {"main.py": wanted["main.py"]}
     if settings_bytes is not None:
         wanted["settings.json"] = settings_bytes
-    shadows = [name[:-4] + ".py" for name in wanted if name.endswith(".mpy")]
+    compiled = list(wanted) + in_rom
+    shadows = [name[:-4] + ".py" for name in compiled if name.endswith(".mpy")]
     mp = Mpremote(port, echo=progress if verbose else None)
 
     progress(f"connecting to {port}")
@@ -257,13 +300,16 @@ def flash(
         mp.run("exec", "open('SAFE', 'w').close()")
         _reset(mp)
         mp.wait_ready(30)
-    info = mp.probe(sorted(set(wanted) | set(shadows) | {"SAFE", "settings.json"}))
+    image_bytes = image.read_bytes() if image else b""
+    info = mp.probe(sorted(set(wanted) | set(in_rom) | set(shadows) | {"SAFE", "settings.json"}), len(image_bytes))
     progress(
         f"board: MicroPython {'.'.join(map(str, info.micropython))} on {info.platform}, "
         f"loads .mpy v{info.mpy_version}"
     )
     check_board(info, mpy_cross)
     report = FlashReport(board=info)
+    if image is not None:  # first: a board without a ROM partition is refused before its firmware is touched
+        report.rom = _deploy_rom(mp, info, image, image_bytes, progress)
 
     packages = packages_for(board)
     if packages:
@@ -288,6 +334,11 @@ def flash(
             steps += ["rm", f":{name}", "+"]
             report.removed.append(name)
             progress(f"remove {name} (it would shadow {name[:-3]}.mpy)")
+    for name in in_rom:
+        if info.hashes.get(name):
+            steps += ["rm", f":{name}", "+"]
+            report.removed.append(name)
+            progress(f"remove {name} (it would shadow /rom/{name})")
     if info.hashes.get("SAFE") or board != VIRTUAL:
         steps += ["rm", ":SAFE", "+"]
     if steps:
@@ -298,11 +349,56 @@ def flash(
 
     if board == VIRTUAL:
         progress("starting the firmware (import main: the unix port has no reset)")
-        mp.run("exec", "--no-follow", "import main")
+        # A board's runtime mounts the new image at its reset; here, now.
+        remount = _REMOUNT_ROM if report.rom == "deployed" else ""
+        mp.run("exec", "--no-follow", remount + "import main")
     else:
         progress("resetting the board")
         _reset(mp)
     return report
+
+
+# What a board's runtime does at reset when it has a ROM partition.
+_REMOUNT_ROM = (
+    "import vfs\n"
+    "try:\n vfs.umount('/rom')\nexcept OSError:\n pass\n"
+    "vfs.mount(vfs.VfsRom(vfs.rom_ioctl(2, 0)), '/rom')\n"
+)
+
+
+def _rom_image(staged_dir: Path, image: Path) -> Path:
+    """The staged firmware, all but main.py (the boards run it from the
+    flash), packed into a ROM image by `mpremote romfs build`."""
+    folder = image.with_suffix(".stage")
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for path in staged_dir.iterdir():
+        if path.is_file() and path.name != "main.py":
+            shutil.copyfile(path, folder / path.name)
+    try:
+        pack_image(folder, image)
+    except RomfsError as error:
+        raise FlashError(str(error)) from None
+    return image
+
+
+def _deploy_rom(mp: Mpremote, info: BoardInfo, image: Path, data: bytes, progress: Progress) -> str:
+    """Write the image to the board's ROM partition unless it holds it already."""
+    if info.rom is None:
+        raise FlashError(
+            "the board has no ROM partition: its MicroPython was built without ROMFS (it needs 1.25 or newer "
+            "with a ROM partition, which the stock Pico W and ESP32 builds do not have). Flash without --romfs."
+        )
+    size, digest = int(info.rom[0]), info.rom[1]
+    if len(data) > size:
+        raise FlashError(f"the ROM image is {len(data):,} bytes; the board's ROM partition holds {size:,}")
+    if digest == _sha256(data):
+        progress(f"ROM image unchanged ({len(data):,} bytes)")
+        return "unchanged"
+    progress(f"deploying the ROM image ({len(data):,} bytes) to the board's {size:,}-byte ROM partition")
+    mp.run("romfs", "deploy", str(image))
+    return "deployed"
 
 
 def describe(report: FlashReport) -> dict[str, Any]:
@@ -313,6 +409,7 @@ def describe(report: FlashReport) -> dict[str, Any]:
         "unchanged": report.unchanged,
         "removed": report.removed,
         "packages": report.packages,
+        "rom": report.rom,
     }
 
 

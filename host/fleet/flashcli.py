@@ -20,7 +20,8 @@ def cmd_flash(args: argparse.Namespace) -> int:
 
     try:
         report = flash(
-            args.board, args.port, Path(args.settings) if args.settings else None, args.index, progress, args.verbose
+            args.board, args.port, Path(args.settings) if args.settings else None, args.index, progress, args.verbose,
+            romfs=args.romfs,
         )
     except FlashError as error:
         print(f"fleet flash: {error}", file=sys.stderr)
@@ -68,6 +69,9 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     p.add_argument("--index", metavar="URL", help="mip package index (default: micropython.org's)")
     p.add_argument("--json", action="store_true", help="print what was done as JSON")
     p.add_argument("--verbose", action="store_true", help="show mpremote's own output")
+    p.add_argument("--romfs", action="store_true",
+                   help="put the firmware in the board's ROM partition (MicroPython 1.25+ built with ROMFS): "
+                        "it runs in place and takes far less heap")
     p.set_defaults(func=cmd_flash)
 
     help = "write a board's settings.json (secrets from $FLEET_WIFI_PASSWORD / $FLEET_MQTT_PASSWORD or asked)"

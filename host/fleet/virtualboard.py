@@ -11,12 +11,14 @@ import selectors
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import tty
 from pathlib import Path
 
 from .paths import micropython_executable, micropython_path
+from .romfs import PARTITION_BOOT, new_partition
 
 
 def _catches_sigint(pid: int) -> bool:
@@ -32,11 +34,18 @@ def _catches_sigint(pid: int) -> bool:
 
 
 class VirtualBoard:
-    def __init__(self, flash_dir: Path, board: str = "sim", heapsize: str = "256k", bare: bool = False) -> None:
+    def __init__(
+        self, flash_dir: Path, board: str = "sim", heapsize: str = "256k", bare: bool = False,
+        rom_bytes: int | None = None,
+    ) -> None:
         """bare: nothing of the repository on the VM's path, only what was
         copied into its flash (and ./lib, where mip installs), like a
-        board fresh from the factory; else the firmware runs from the repo."""
+        board fresh from the factory; else the firmware runs from the repo.
+        rom_bytes: a ROM partition of that size, as a board built with ROMFS
+        has (`mpremote romfs deploy` writes it; it is kept beside the flash
+        folder, in <flash>.rom); None: none, as the stock builds."""
         self.flash_dir = Path(flash_dir)
+        self.rom_bytes = rom_bytes
         self.board = board
         self.heapsize = heapsize
         self.bare = bare
@@ -59,7 +68,7 @@ class VirtualBoard:
         path = ".frozen:./lib" if self.bare else micropython_path(self.board)
         env = dict(os.environ, MICROPYPATH=path)
         self.process = subprocess.Popen(
-            [micropython_executable(), "-X", f"heapsize={self.heapsize}", "-i"],
+            self._command(),
             stdin=slave, stdout=slave, stderr=slave, cwd=self.flash_dir, env=env, close_fds=True,
         )
         os.close(slave)
@@ -73,6 +82,17 @@ class VirtualBoard:
         self._thread = threading.Thread(target=self._serve, name="virtual-board", daemon=True)
         self._thread.start()
         return self.port
+
+    @property
+    def partition(self) -> Path:
+        return self.flash_dir.with_name(self.flash_dir.name + ".rom")
+
+    def _command(self) -> list[str]:
+        heap = f"heapsize={self.heapsize}"
+        if self.rom_bytes is None:
+            return [micropython_executable(), "-X", heap, "-i"]
+        new_partition(self.partition, self.rom_bytes)
+        return [sys.executable, "-m", "fleet.romfs", "--partition", str(self.partition), "-X", heap, "-i", "-c", PARTITION_BOOT]
 
     def _serve(self) -> None:
         # One client at a time, like a USB serial port. Bytes from the pty
