@@ -358,9 +358,13 @@ def flash(
     return report
 
 
-# What a board's runtime does at reset when it has a ROM partition.
+# What a board's reset does for a new image: modules imported from the
+# old one go (their bytecode was read in place, and is overwritten now),
+# and the partition is mounted again.
 _REMOUNT_ROM = (
-    "import vfs\n"
+    "import sys, vfs\n"
+    "for n in [n for n, m in sys.modules.items() if str(getattr(m, '__file__', '')).startswith('/rom/')]:\n"
+    " del sys.modules[n]\n"
     "try:\n vfs.umount('/rom')\nexcept OSError:\n pass\n"
     "vfs.mount(vfs.VfsRom(vfs.rom_ioctl(2, 0)), '/rom')\n"
 )
