@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from fleet.paths import micropython_executable
-from fleet.romfs import ROM_MOUNT, ROM_PATH, build_image, main
+from fleet.romfs import ROM_MOUNT, ROM_PATH, build_image, main, vm_command
 
 # Heap taken by importing the firmware, measured inside the VM.
 MEASURE_IMPORT = """
@@ -39,7 +38,7 @@ def test_the_firmware_run_from_a_rom_image_takes_far_less_heap_than_its_mpy_file
         f".frozen:{stage}:{stage / 'lib'}", tmp_path,
     )
     from_rom, rom_path = _import_cost(
-        [sys.executable, "-m", "fleet.romfs", str(image), "-X", "heapsize=512k", "-c", ROM_MOUNT + MEASURE_IMPORT],
+        vm_command(["-X", "heapsize=512k", "-c", ROM_MOUNT + MEASURE_IMPORT], image=image),
         ROM_PATH, tmp_path,
     )
     assert file_path == str(stage / "device.mpy") and rom_path == "/rom/device.mpy"

@@ -107,6 +107,13 @@ def run_vm(vm_args: list[str], image: Path | None = None, partition: Path | None
     return int(micropython_run.run_main(["micropython", *vm_args]) or 0)
 
 
+def vm_command(vm_args: list[str], image: Path | None = None, partition: Path | None = None) -> list[str]:
+    """The command line that runs the VM, with `vm_args`, over `image` or
+    `partition` (as main() reads it)."""
+    rom = ["--partition", str(partition)] if partition is not None else [str(image)]
+    return [sys.executable, "-m", "fleet.romfs", *rom, *vm_args]
+
+
 def main(argv: list[str]) -> int:
     partitioned = len(argv) > 2 and argv[1] == "--partition"
     if len(argv) < 2 or argv[1] == "--partition" and not partitioned:

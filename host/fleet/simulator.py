@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 from .faults import LinkMode, LinkProxy, ProxyLoop
 from .compile import compile_firmware, compile_libraries
 from .paths import FIRMWARE_DIR, TICKS_SHIM, micropython_executable, micropython_path
-from .romfs import ROM_BOOT, ROM_PATH, build_image
+from .romfs import ROM_BOOT, ROM_PATH, build_image, vm_command
 
 DEFAULT_HEAP = "128k"
 
@@ -183,7 +182,7 @@ class Simulator:
         """The VM and its arguments for one device."""
         heap = f"heapsize={self.heap}"
         if self.romfs:
-            return [sys.executable, "-m", "fleet.romfs", str(self.rom_image()), "-X", heap, "-c", ROM_BOOT]
+            return vm_command(["-X", heap, "-c", ROM_BOOT], image=self.rom_image())
         return [micropython_executable(), "-X", heap, "-c", "import main"]
 
     def environment(self, device: SimDevice, reset_cause: str) -> dict[str, str]:

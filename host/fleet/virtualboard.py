@@ -11,14 +11,13 @@ import selectors
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import tty
 from pathlib import Path
 
 from .paths import micropython_executable, micropython_path
-from .romfs import PARTITION_BOOT, new_partition
+from .romfs import PARTITION_BOOT, new_partition, vm_command
 
 
 def _catches_sigint(pid: int) -> bool:
@@ -92,7 +91,7 @@ class VirtualBoard:
         if self.rom_bytes is None:
             return [micropython_executable(), "-X", heap, "-i"]
         new_partition(self.partition, self.rom_bytes)
-        return [sys.executable, "-m", "fleet.romfs", "--partition", str(self.partition), "-X", heap, "-i", "-c", PARTITION_BOOT]
+        return vm_command(["-X", heap, "-i", "-c", PARTITION_BOOT], partition=self.partition)
 
     def _serve(self) -> None:
         # One client at a time, like a USB serial port. Bytes from the pty
