@@ -16,9 +16,11 @@
 #
 # next_batch() hands out flushed records first, then the ones still in RAM:
 # while the link keeps up, a reading the broker acknowledges before its
-# flush is due is never written to flash at all. A backlog on flash is read
-# a batch at a time, in one read, into a buffer allocated once; its records
-# are handed out as views into that buffer, not copies.
+# flush is due is never written to flash at all. A batch is put in the read
+# area, records back to back as they are framed on flash, in one read (RAM
+# records are copied there): the device lends the log the part of its
+# packet buffer where a batch's payload goes, and lays the records out as
+# JSON where they lie, so a batch is never copied on its way out.
 import binascii
 import json
 import os
@@ -37,9 +39,15 @@ def _name(number):
     return "%08d.seg" % number
 
 
+def area_size(batch_bytes):
+    # A read area for batches of batch_bytes: room for the headers of
+    # records of 48 bytes and more, and never less than one whole record.
+    return max(batch_bytes + batch_bytes // 8, _HEADER + _MAX_RECORD)
+
+
 class BacklogLog:
     def __init__(self, folder="log", budget=256 * 1024, segment_size=16 * 1024, flush_records=16, flush_ms=1000,
-                 pending_bytes=3072, batch_bytes=4096):
+                 pending_bytes=3072, batch_bytes=4096, read_area=None):
         self.folder = folder
         self.budget = budget
         self.segment_size = segment_size
@@ -62,20 +70,26 @@ class BacklogLog:
         self.unsent = 0  # flushed records not yet acknowledged
         self.flushes = 0  # a RAM batch handed out before a flush is stale after it
         self._corrupt_at = None
-        # The read buffer, and a view of it: a backlog on flash is read into
-        # it a batch at a time (batch_bytes of records, and room for their
-        # headers and one record more). Allocated once, here, like the RAM
-        # buffer: asked for at the first backlog, on a heap fragmented by
-        # then, a block this size was not always there (seen in a soak).
-        self._chunk = None
-        self._view = None
-        try:
-            self._chunk_for(batch_bytes + _HEADER + _MAX_RECORD)
-        except MemoryError:
-            # Not now (after a soft reboot the last boot's objects may not be
-            # collected yet): asked for again when a backlog is first read,
-            # where the forwarder answers a MemoryError with smaller batches.
-            pass
+        # The read area (a memoryview): where next_batch() puts a batch, and
+        # where counting reads. Given by the device (part of its packet
+        # buffer), or the log's own: batch_bytes of records with room for
+        # their headers, and never less than one record of the largest size.
+        # Allocated once, here, like the RAM buffer: asked for at the first
+        # backlog, on a heap fragmented by then, a block this size was not
+        # always there (seen in a soak).
+        self.area = None
+        self._area_size = area_size(batch_bytes)
+        if read_area is not None:
+            if len(read_area) < _HEADER + _MAX_RECORD:
+                raise ValueError("a read area holds at least one record")
+            self.area = memoryview(read_area)
+        else:
+            try:
+                self._area_for()
+            except MemoryError:
+                # Not now (after a soft reboot the last boot's objects may
+                # not be collected yet): asked for again at the first read.
+                pass
         try:
             os.mkdir(folder)
         except OSError:
@@ -212,29 +226,32 @@ class BacklogLog:
 
     # -- forwarding ----------------------------------------------------------------
     def next_batch(self, max_bytes, start=None):
-        # (bodies, token): the oldest unacknowledged records, flushed ones
-        # first; pass the token to ack() once the broker has them all.
+        # (count, size, token): the oldest unacknowledged records, flushed
+        # ones first, in area[:size] as they are framed on flash, at most max_bytes of bodies (the first one always
+        # goes); pass the token to ack() once the broker has them all.
         # `start` is the position in an earlier token: the batch after ones
         # still in flight, from flushed records only (records in RAM go
-        # alone, when nothing else is in flight).
-        bodies, position = self.read_batch(max_bytes, start)
-        if bodies:
-            return bodies, (position, len(bodies), 0, 0)
+        # alone, when nothing else is in flight). The area is rewritten by
+        # the next read: send the batch first.
+        count, size, position = self.read_batch(max_bytes, start)
+        if count:
+            return count, size, (position, count, 0, 0)
         if start is not None:
-            return bodies, None
+            return 0, 0, None
         self.unsent = 0  # everything readable on flash is acknowledged
-        bodies = []
-        used = 0
+        area = self._area_for()
         pending = self.pending
-        at = self.pending_start
+        used = 0
+        at = first = self.pending_start
         while at < self.pending_len:
             n = pending[at] | (pending[at + 1] << 8)
-            if bodies and used + n > max_bytes:
+            if count and (used + n > max_bytes or at + _HEADER + n - first > len(area)):
                 break
-            bodies.append(self._pending_view[at + _HEADER:at + _HEADER + n])
             used += n
             at += _HEADER + n
-        return bodies, (None, len(bodies), at, self.flushes)
+            count += 1
+        area[: at - first] = self._pending_view[first:at]
+        return count, at - first, (None, count, at, self.flushes)
 
     def ack(self, token):
         position, count, ram_end = token[:3]
@@ -250,12 +267,11 @@ class BacklogLog:
                 self._clear_pending()
 
     def read_batch(self, max_bytes, start=None):
-        # Returns (bodies, position after them), from the cursor or from
-        # `start` when that is past it. Only flushed records are read; the
-        # caller flushes first when it wants everything. The bodies are
-        # memoryviews into the log's read buffer, good until the next read:
-        # send them (or copy them) before reading again.
-        bodies = []
+        # Returns (count, size, position after them): `count` records read
+        # into area[:size], from the cursor or from `start` when that is
+        # past it. Only flushed records are read; the caller flushes first
+        # when it wants everything.
+        count = 0
         used = 0
         filled = 0
         seg, off = self.seg, self.off
@@ -267,67 +283,58 @@ class BacklogLog:
                 if later is None:
                     break
                 seg, off = later, 0
-            off, used, filled, ended = self._scan(seg, off, max_bytes, bodies, used, filled)
+            off, used, filled, got, ended = self._scan(seg, off, max_bytes, used, filled)
+            count += got
             if not ended:
                 break  # the batch or the buffer is full
             later = self._after(seg)
             if later is None or seg == self.active:
                 break
             seg, off = later, 0
-        return bodies, (seg, off)
+        return count, filled, (seg, off)
 
-    def _chunk_for(self, size):
-        # The read buffer, at least `size` bytes, and a view of it: records
-        # are handed out as views of it, so forwarding a backlog allocates a
-        # small view per record instead of a copy of it, and reads flash
-        # once per batch, not twice per record. Grown only for a batch
-        # larger than batch_bytes, and never while one is being read: that
-        # batch asked for the same size when it began.
-        chunk = self._chunk
-        view = self._view
-        if chunk is None or view is None or len(chunk) < size:
-            self._chunk = self._view = None  # let the old one go before asking for the new one
-            chunk = self._chunk = bytearray(size)
-            view = self._view = memoryview(chunk)
-        return chunk, view
+    def _area_for(self):
+        area = self.area
+        if area is None:
+            area = self.area = memoryview(bytearray(self._area_size))
+        return area
 
-    def _scan(self, seg, off, max_bytes, bodies, used, filled, size=0):
-        # Reads segment `seg` from `off` into the read buffer after its
-        # first `filled` bytes, and appends each good record to `bodies`
-        # while their total stays within max_bytes (the first one always
-        # goes). Returns (off, used, filled, ended) after them: ended is
-        # True when the segment has no more good records (its end, or a
-        # torn or corrupt record, counted once), False when the batch or
-        # the buffer is full. The buffer holds max_bytes of records, or
-        # `size` bytes when that is given.
+    def _scan(self, seg, off, max_bytes, used, filled):
+        # Reads segment `seg` from `off` into the read area after its first
+        # `filled` bytes, and keeps each good record there while the bodies
+        # total at most max_bytes (the first one always goes). Returns (off,
+        # used, filled, count, ended) after them: ended is True when the
+        # segment has no more good records (its end, or a torn or corrupt
+        # record, counted once), False when the batch or the area is full.
+        # One read per call, not two per record.
+        area = self._area_for()
         try:
             with open(self._path(seg), "rb") as f:
                 if f.seek(0, 2) <= off:
-                    return off, used, filled, True  # read to its end (online, the usual case)
-                chunk, view = self._chunk_for(size or max_bytes + _HEADER + _MAX_RECORD)
+                    return off, used, filled, 0, True  # read to its end (online, the usual case)
                 f.seek(off)
-                got = f.readinto(view[filled:])
+                got = f.readinto(area[filled:])
         except OSError:  # lost or unreadable: go on with the next one
-            return off, used, filled, True
-        at_end = filled + got < len(chunk)  # a short read: the segment's end is in the buffer
+            return off, used, filled, 0, True
+        at_end = filled + got < len(area)  # a short read: the segment's end is in the area
         end = filled + got
         p = filled
+        count = 0
         while True:
             left = end - p
             if left < _HEADER:
-                return off, used, p, at_end  # a torn header at the end is not a record
-            n = chunk[p] | chunk[p + 1] << 8
+                return off, used, p, count, at_end  # a torn header at the end is not a record
+            n = area[p] | area[p + 1] << 8
             if n > _MAX_RECORD or (at_end and _HEADER + n > left):
                 self._count_corrupt(seg, off, n)  # torn, or a length no record has
-                return off, used, p, True
-            if _HEADER + n > left or (bodies and used + n > max_bytes):
-                return off, used, p, False
-            body = view[p + _HEADER : p + _HEADER + n]
-            crc = chunk[p + 2] | chunk[p + 3] << 8 | chunk[p + 4] << 16 | chunk[p + 5] << 24
-            if binascii.crc32(body) != crc:
+                return off, used, p, count, True
+            if _HEADER + n > left or (p and used + n > max_bytes):
+                return off, used, p, count, False
+            crc = area[p + 2] | area[p + 3] << 8 | area[p + 4] << 16 | area[p + 5] << 24
+            if binascii.crc32(area[p + _HEADER : p + _HEADER + n]) != crc:
                 self._count_corrupt(seg, off, n)
-                return off, used, p, True
-            bodies.append(body)
+                return off, used, p, count, True
+            count += 1
             used += n
             p += _HEADER + n
             off += _HEADER + n
@@ -364,9 +371,8 @@ class BacklogLog:
         count = 0
         ended = False
         while not ended:
-            bodies = []
-            off, _, _, ended = self._scan(seg, off, 1 << 30, bodies, 0, 0, _HEADER + _MAX_RECORD)
-            count += len(bodies)
+            off, _, _, got, ended = self._scan(seg, off, 1 << 30, 0, 0)
+            count += got
         return count
 
     def _path(self, number):

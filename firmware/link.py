@@ -10,11 +10,16 @@
 import asyncio
 import errno
 import random
+from micropython import const
 from time import ticks_add, ticks_diff, ticks_ms
 
 from umqtt import simple
 from mqttsocket import SocketFactory
 
+# What send() needs in front of a payload besides the topic: the fixed
+# header (a byte and up to four of remaining length), the topic's length
+# and the packet id.
+HEADER_ROOM = const(9)
 # Errors that mean "this connection is unusable": socket errors, a refused
 # or malformed CONNACK (umqtt.simple asserts on it), a short read.
 LINK_ERRORS = (OSError, simple.MQTTException, AssertionError, IndexError, ValueError)
@@ -43,7 +48,7 @@ def describe(error):
 
 
 class Link:
-    def __init__(self, client_id, settings, board, nodelay, status_topic, on_message, log):
+    def __init__(self, client_id, settings, board, nodelay, status_topic, on_message, log, packet=None):
         self.id = client_id
         self.settings = settings
         self.board = board
@@ -51,11 +56,11 @@ class Link:
         self.on_message = on_message  # called as on_message(topic, payload, discarded_len)
         self.log = log
         self.keepalive_ms = settings["keepalive_s"] * 1000
-        # A batch packet: batch_bytes of readings (a comma and a newline
-        # after each), its JSON envelope, the topic and the MQTT header,
-        # rounded up to the buffer's 512-byte steps.
-        out_size = (settings["batch_bytes"] + 256 + 511) & ~511
-        self.sockets = SocketFactory(settings["socket_timeout_ms"], settings["max_payload"], nodelay, out_size)
+        # `packet`: the buffer every packet is gathered in, kept across
+        # connections (the device's, sized for a batch; see send()).
+        if packet is None:
+            packet = bytearray(512)
+        self.sockets = SocketFactory(settings["socket_timeout_ms"], settings["max_payload"], nodelay, packet)
         self.subscriptions = []  # (topic, qos), restored on every connect
         self.birth = None  # payload (or a function making it) published retained on status_topic after connect
         self.will = None
@@ -70,7 +75,6 @@ class Link:
         # far: the broker sends those in order (MQTT 3.1.1, 4.6).
         self.sent = 0
         self.pubacked = 0
-        self._head = bytearray(8)  # send()'s fixed header and packet id
 
     def subscribe(self, topic, qos=0):
         self.subscriptions.append((topic, qos))
@@ -103,38 +107,42 @@ class Link:
             self._drop(e)
             raise
 
-    def send(self, topic, payload):
-        # A QoS 1 publish that does not wait for its PUBACK, as
-        # umqtt.simple's does: forwarding a backlog one round trip per batch
-        # left a board idle half the time. Returns the packet's number on
-        # this connection (compare with `pubacked`), or 0 when the link is
-        # down. The packet goes out in one write, like every other.
+    def send(self, topic, packet, start, end):
+        # A QoS 1 publish of packet[start:end] that does not wait for its
+        # PUBACK, as umqtt.simple's does: forwarding a backlog one round
+        # trip per batch left a board idle half the time. The payload is
+        # sent where it lies, in one write: the packet's header goes in
+        # front of it, in packet[:start], which must have room for it
+        # (HEADER_ROOM and the topic). Returns the packet's number on this
+        # connection (compare with `pubacked`), or 0 when the link is down.
+        if start < HEADER_ROOM + len(topic):
+            raise ValueError("no room for the packet's header")
         if not self.connected:
             return 0
         client = self.client
-        sock = self.sock
-        head = self._head
         try:
             if client.pid >= 65535:
                 client.pid = 0  # umqtt.simple never wraps its packet id
             client.pid += 1
-            size = 2 + len(topic) + 2 + len(payload)
-            head[0] = 0x32  # PUBLISH, QoS 1
-            i = 1
-            while size > 0x7F:
-                head[i] = (size & 0x7F) | 0x80
-                size >>= 7
-                i += 1
-            head[i] = size
-            head[i + 1] = len(topic) >> 8
-            head[i + 2] = len(topic) & 0xFF
-            sock.write(head, i + 3)
-            sock.write(topic)
-            head[0] = client.pid >> 8
-            head[1] = client.pid & 0xFF
-            sock.write(head, 2)
-            sock.write(payload)
-            sock.flush()
+            # Backwards from the payload: packet id, topic, its length,
+            # then the remaining length, whose size depends on its value.
+            at = start - 2
+            packet[at] = client.pid >> 8
+            packet[at + 1] = client.pid & 0xFF
+            at -= len(topic)
+            packet[at:at + len(topic)] = topic
+            at -= 2
+            packet[at] = len(topic) >> 8
+            packet[at + 1] = len(topic) & 0xFF
+            size = end - at
+            length = 1
+            while size >> (7 * length):
+                length += 1
+            at -= length + 1
+            packet[at] = 0x32  # PUBLISH, QoS 1
+            for i in range(length):
+                packet[at + 1 + i] = (size >> (7 * i)) & 0x7F | (0x80 if i < length - 1 else 0)
+            self.sock.send(memoryview(packet)[at:end])
         except LINK_ERRORS as e:
             self._drop(e)
             return 0

@@ -19,42 +19,6 @@ _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 
 
-class Joined:
-    # A payload made of parts, copied straight into the packet being
-    # gathered: a batch of readings goes out without first being put
-    # together in a buffer of its own (as big as the batch, kept or not).
-    # umqtt.simple only asks its len() and hands it to write().
-    def __init__(self, head, items, sep, tail):
-        self.head = head
-        self.items = items  # at least one
-        self.sep = sep
-        self.tail = tail
-        size = len(head) + len(tail) + len(sep) * (len(items) - 1)
-        for item in items:
-            size += len(item)
-        self.size = size
-
-    def __len__(self):
-        return self.size
-
-    def copy_into(self, out, at):
-        # An index loop, not enumerate(): its tuple per item was garbage
-        # for every reading forwarded.
-        items = self.items
-        sep = self.sep
-        out[at : at + len(self.head)] = self.head
-        at += len(self.head)
-        for i in range(len(items)):
-            if i:
-                out[at : at + len(sep)] = sep
-                at += len(sep)
-            item = items[i]
-            out[at : at + len(item)] = item
-            at += len(item)
-        out[at : at + len(self.tail)] = self.tail
-        return at + len(self.tail)
-
-
 class PacketSocket:
     def __init__(self, timeout_ms, max_read, nodelay=None, out=None):
         self.sock = socket.socket()
@@ -110,26 +74,30 @@ class PacketSocket:
             grown = bytearray((end + 511) & ~511)
             grown[: self.n] = self.out[: self.n]
             self.out = grown
-        if isinstance(buf, Joined):
-            buf.copy_into(self.out, self.n)
-        else:
-            self.out[self.n : end] = memoryview(buf)[:n]
+        self.out[self.n : end] = memoryview(buf)[:n]
         self.n = end
         return n
 
     def flush(self):
-        if not self.n:
-            return
-        mv = memoryview(self.out)
+        if self.n:
+            self._send(memoryview(self.out)[: self.n])
+            self.n = 0
+
+    def send(self, packet):
+        # A whole packet (a memoryview) sent as it lies, after anything
+        # gathered: a batch, built in place in the device's packet buffer.
+        self.flush()
+        self._send(packet)
+
+    def _send(self, view):
         sent = 0
         deadline = ticks_add(ticks_ms(), self.timeout_ms)
-        while sent < self.n:
-            k = self.sock.write(mv[sent : self.n])
+        while sent < len(view):
+            k = self.sock.write(view[sent:])
             if k is None:  # send buffer full
                 self._wait(_POLLOUT, deadline)
             else:
                 sent += k
-        self.n = 0
 
     def read(self, n):
         self.flush()
@@ -223,11 +191,11 @@ class PacketSocket:
 class SocketFactory:
     # Stands in for the `socket` module inside umqtt.simple, whose connect()
     # creates its own socket with no timeout and no TCP_NODELAY.
-    def __init__(self, timeout_ms, max_read, nodelay, out_size=128):
+    def __init__(self, timeout_ms, max_read, nodelay, out):
         self.timeout_ms = timeout_ms
         self.max_read = max_read
         self.nodelay = nodelay
-        self.out = bytearray(out_size)  # one socket at a time: they share it
+        self.out = out  # one socket at a time: they share it
         self.last = None
 
     def socket(self):

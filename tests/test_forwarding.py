@@ -193,11 +193,15 @@ def test_batches_parse_into_records_with_their_own_bytes() -> None:
 
 
 def test_the_firmware_layout_keeps_each_record_as_sent_and_a_corrupt_one_costs_only_itself() -> None:
-    # As firmware/device.py lays a batch out: one record per line.
-    sent = b'{"prev": 4, "dropped": 0, "backlog": 7, "records": [\n{"seq": 5, "t": 1.5},\n{"seq": 6,  "t": 2.0}\n]}'
+    # As firmware/device.py lays a batch out: one record per line, indented
+    # (each record's frame header on flash became ",\n    ").
+    sent = b'{"prev": 4, "dropped": 0, "backlog": 7, "records": [\n    {"seq": 5, "t": 1.5},\n    {"seq": 6,  "t": 2.0}\n]}'
     batch = ReadingBatch.parse(sent)
     assert (batch.prev, batch.backlog, batch.malformed) == (4, 7, 0)
     assert [(r.seq, r.raw) for r in batch.records] == [(5, b'{"seq": 5, "t": 1.5}'), (6, b'{"seq": 6,  "t": 2.0}')]
+    # Not indented, as earlier firmware sent it: the same records.
+    flat = ReadingBatch.parse(sent.replace(b"\n    ", b"\n"))
+    assert [(r.seq, r.raw) for r in flat.records] == [(r.seq, r.raw) for r in batch.records] and flat.malformed == 0
     # A torn record is not JSON, so neither is the batch: the others still go.
     torn = sent.replace(b'{"seq": 5, "t": 1.5}', b'{"seq": 5, "t"')
     batch = ReadingBatch.parse(torn)

@@ -319,7 +319,8 @@ class ReadingBatch:
     @classmethod
     def _parse_lines(cls, data: bytes, lines: list[bytes]) -> ReadingBatch | None:
         """The firmware's layout: the envelope up to `"records": [` on the
-        first line, one record per line (a comma after each but the last),
+        first line, one record per line (a comma after each but the last;
+        indented, as the firmware lays a batch out where its log read it),
         `]}` on the last. JSON strings cannot hold a raw newline, so each
         record's line is its JSON exactly as the board sent it: parsed one
         by one, the records are stored as they are, not encoded again (that
@@ -348,6 +349,8 @@ class ReadingBatch:
                 if not line.endswith(b","):
                     return None
                 line = line[:-1]
+            if line.startswith(b" "):
+                line = line.lstrip(b" ")
             try:
                 record = loads(line)
             except orjson.JSONDecodeError:

@@ -67,21 +67,35 @@ def test_a_reading_refused_for_want_of_heap_is_counted_and_the_next_one_goes_in(
     assert accepted is False and device.rejected == 1
     assert device.record({"temp_c": 22})
     device.backlog.flush()
-    bodies, _ = device.backlog.read_batch(4096)
-    assert [json.loads(bytes(b))["temp_c"] for b in bodies] == [20, 22], bodies  # nothing torn in between
+    count, size, _ = device.backlog.next_batch(4096)
+    start, end, last = device._lay_out(size, -1, 0)
+    records = json.loads(device.packet[start:end])["records"]
+    assert [r["temp_c"] for r in records] == [20, 22], records  # nothing torn in between
 
 
-def test_a_batch_is_one_record_per_line_and_no_copy_of_it_is_made():
-    from mqttsocket import Joined
-
+def test_a_batch_is_laid_out_where_the_log_read_it_one_record_per_line():
     device = _device()
-    bodies = [b'{"seq": 1}', b'{"seq": 2}']
-    payload = device._batch(bodies, 0, 0)
-    assert isinstance(payload, Joined) and payload.items is bodies  # the records themselves, not a copy
-    out = bytearray(len(payload))
-    assert payload.copy_into(out, 0) == len(out)
-    assert bytes(out) == b'{"prev": 0, "dropped": 0, "backlog": 0, "records": [\n{"seq": 1},\n{"seq": 2}\n]}', out
-    assert json.loads(out)["records"] == [{"seq": 1}, {"seq": 2}]
+    for i in range(3):
+        device.record({"n": i})
+    device.backlog.flush()
+    count, size, token = device.backlog.next_batch(4096)
+    at = device._payload_at
+    first = bytes(device.packet[at + 6 : at + 16])  # the first record's body, where the log read it
+    start, end, last = device._lay_out(size, 7, 2)
+    assert count == 3 and last == 2 and end == at + size + 3
+    payload = bytes(device.packet[start:end])
+    lines = payload.split(b"\n")
+    assert lines[0] == b'{"prev": 7, "dropped": 0, "backlog": 2, "records": [', lines
+    assert lines[1].startswith(b"    " + first) and lines[1].endswith(b",") and lines[4] == b"]}", lines
+    assert [r["n"] for r in json.loads(payload)["records"]] == [0, 1, 2]
+    assert json.loads(payload)["records"][0]["seq"] == 0
+
+
+def test_a_record_s_seq_is_read_where_it_lies():
+    from device import _seq_of
+
+    packet = bytearray(b'xx{"seq": 4071, "ts": 1}{"seq": 9}')
+    assert _seq_of(packet, 2, 24) == 4071 and _seq_of(packet, 24, len(packet)) == 9
 
 
 class _SentBatches:
@@ -94,10 +108,8 @@ class _SentBatches:
     def __init__(self):
         self.batches = []
 
-    def send(self, topic, payload):
-        out = bytearray(len(payload))
-        payload.copy_into(out, 0)
-        self.batches.append(json.loads(out))
+    def send(self, topic, packet, start, end):
+        self.batches.append(json.loads(packet[start:end]))
         return len(self.batches)
 
 
@@ -112,8 +124,13 @@ def test_each_batch_says_exactly_how_many_readings_wait_behind_it():
         device.record({"note": "x" * (i % 7 * 9)})
     device.backlog.flush()
     link = device.link = _SentBatches()
-    # No gateway acks: one window goes out, then the pass ends on the timeout.
-    asyncio.run(device._forward_batches(300, ticks_ms(), 0))
+    # No gateway acks: one window goes out, then the pass ends on the
+    # timeout, which the device's clock (tick) makes it notice.
+    async def one_pass():
+        asyncio.create_task(device.tick())
+        await device._forward_batches(300, ticks_ms(), 0)
+
+    asyncio.run(one_pass())
     assert len(link.batches) == 4, link.batches
     counts = [len(b["records"]) for b in link.batches]
     assert len(set(counts)) > 1, counts

@@ -1,5 +1,6 @@
 # Link.send: batches go out as QoS 1 publishes without waiting for each
-# PUBACK, one write each, numbered in sending order; PUBACKs are counted.
+# PUBACK, one write each, sent from where they lie, numbered in sending
+# order; PUBACKs are counted.
 from fakes import packet_socket, publish_packet
 from umqtt.simple import MQTTClient
 
@@ -17,6 +18,14 @@ def link_over(sock):
     return link
 
 
+def send(link, payload, room=64):
+    # As the device sends a batch: the payload where it lies in a buffer,
+    # with room in front of it for the packet's header.
+    packet = bytearray(room + len(payload))
+    packet[room:] = payload
+    return link.send(TOPIC, packet, room, len(packet))
+
+
 def puback(pid):
     return b"\x40\x02" + pid.to_bytes(2, "big")
 
@@ -24,7 +33,7 @@ def puback(pid):
 def test_send_does_not_wait_for_the_puback_and_numbers_its_packets():
     sock = packet_socket()  # the broker says nothing: a send that waited would read EOF
     link = link_over(sock)
-    numbers = [link.send(TOPIC, b"batch %d" % n) for n in range(3)]
+    numbers = [send(link, b"batch %d" % n) for n in range(3)]
     assert numbers == [1, 2, 3], numbers
     assert link.connected and link.pubacked == 0
     expected = [publish_packet(TOPIC, b"batch %d" % n, 1, n + 1) for n in range(3)]
@@ -36,8 +45,8 @@ def test_a_publish_that_waits_for_its_puback_counts_the_sends_before_it_as_ackno
     # own, and they come in order: all of those are in.
     sock = packet_socket(puback(1) + puback(2) + puback(3))
     link = link_over(sock)
-    link.send(TOPIC, b"a")
-    link.send(TOPIC, b"b")
+    send(link, b"a")
+    send(link, b"b")
     assert link.publish(b"fleet/dev-1/status", b"x", True, 1)
     assert (link.sent, link.pubacked) == (2, 2)
 
@@ -46,7 +55,7 @@ def test_the_packet_id_wraps_as_publish_wraps_it():
     sock = packet_socket()
     link = link_over(sock)
     link.client.pid = 65535
-    assert link.send(TOPIC, b"a") == 1
+    assert send(link, b"a") == 1
     assert sock.sock.writes == [publish_packet(TOPIC, b"a", 1, 1)], sock.sock.writes
 
 
@@ -54,5 +63,25 @@ def test_a_send_on_a_link_that_is_down_sends_nothing():
     sock = packet_socket()
     link = link_over(sock)
     link.connected = False
-    assert link.send(TOPIC, b"a") == 0
+    assert send(link, b"a") == 0
     assert sock.sock.writes == []
+
+
+def test_the_header_goes_in_front_of_the_payload_whatever_its_size():
+    from link import HEADER_ROOM
+
+    for size in (1, 127, 128, 5000, 20000):  # one, two and three bytes of remaining length
+        sock = packet_socket()
+        link = link_over(sock)
+        payload = bytes(48 + i % 10 for i in range(size))
+        assert send(link, payload, room=HEADER_ROOM + len(TOPIC)) == 1
+        assert sock.sock.writes == [publish_packet(TOPIC, payload, 1, 1)], size
+
+
+def test_a_payload_without_room_for_the_header_is_refused_before_anything_is_sent():
+    from fakes import assert_raises
+
+    sock = packet_socket()
+    link = link_over(sock)
+    assert_raises(ValueError, send, link, b"x", 10)
+    assert sock.sock.writes == [] and link.connected

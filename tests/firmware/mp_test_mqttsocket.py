@@ -27,16 +27,21 @@ def test_qos1_publish_is_sent_whole_before_waiting_for_puback():
     assert sock.sock.writes == [b"\x32\x09\x00\x03t/x\x00\x01hi"], sock.sock.writes
 
 
-def test_a_joined_payload_is_copied_straight_into_the_packet():
-    from mqttsocket import Joined
-
+def test_a_packet_that_does_not_fit_grows_the_buffer_in_512_byte_steps():
     sock = packet_socket(b"\x40\x02\x00\x01")
     assert len(sock.out) == 128
-    records = [b"r" * 100, b"s" * 100]
-    client_over(sock).publish(b"t/x", Joined(b"[", records, b",", b"]"), False, 1)
-    payload = b"[" + b"r" * 100 + b"," + b"s" * 100 + b"]"
+    payload = b"r" * 300
+    client_over(sock).publish(b"t/x", payload, False, 1)
     assert sock.sock.writes == [publish_packet(b"t/x", payload, 1)], sock.sock.writes
-    assert len(sock.out) == 512  # grown to fit, in 512-byte steps
+    assert len(sock.out) == 512
+
+
+def test_a_packet_sent_where_it_lies_goes_after_what_was_gathered():
+    sock = packet_socket()
+    client_over(sock).ping()  # gathered, not yet sent
+    sock.send(memoryview(b"\x30\x05\x00\x01tab")[:7])
+    assert sock.sock.writes == [b"\xc0\x00", b"\x30\x05\x00\x01tab"], sock.sock.writes
+    assert sock.n == 0
 
 
 def test_pingreq_is_two_bytes_and_counts_as_one_write():
