@@ -4,9 +4,8 @@
 # one uncompressed (stored) deflate block, so no compressor is needed.
 import binascii
 import framebuf
+import os
 import struct
-
-from state import write_atomic
 
 WIDTH = 128
 HEIGHT = 64
@@ -14,55 +13,55 @@ HEIGHT = 64
 
 _STRIDE = WIDTH // 8
 _RAW = HEIGHT * (1 + _STRIDE)  # each row: filter byte, then the pixels
-# Byte offsets in the file, which has the same length every time.
+# Byte offsets in the file's head, everything before the pixels.
 _IHDR = 8
 _IDAT = _IHDR + 12 + 13
 _ZLIB = _IDAT + 8  # after IDAT's length and type
 _PIXELS = _ZLIB + 2 + 5  # after the zlib header and the stored block's header
-_IEND = _PIXELS + _RAW + 4 + 4  # after adler32 and IDAT's crc
-_SIZE = _IEND + 12
-
-
-def _adler32(data):
-    a, b = 1, 0
-    for byte in data:
-        a = (a + byte) % 65521
-        b = (b + a) % 65521
-    return (b << 16) | a
-
-
-def _seal(png, at, length):
-    # A chunk at `at` with `length` bytes of data: its crc covers type and data.
-    struct.pack_into(">I", png, at + 8 + length, binascii.crc32(memoryview(png)[at + 4:at + 8 + length]) & 0xFFFFFFFF)
+_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # an empty chunk: its crc is fixed
+_NO_FILTER = b"\x00"
 
 
 class PngScreen(framebuf.FrameBuffer):
-    # The PNG is laid out once and only its pixels, adler32 and crc are
-    # rewritten by show(): no allocation per frame, so a tight heap shows
-    # text as reliably as a board's SSD1306 does.
+    # Only the framebuffer is kept, as on a board (the SSD1306 driver's 1 KB):
+    # show() streams the PNG into the file row by row, its head laid out
+    # once, so the simulator's heap figures are a board's, not a board's
+    # plus a picture of its screen.
     def __init__(self, path="display.png"):
         self.path = path
         self.buffer = bytearray(WIDTH * HEIGHT // 8)
         super().__init__(self.buffer, WIDTH, HEIGHT, framebuf.MONO_HLSB)
-        png = self.png = bytearray(_SIZE)
-        png[0:8] = b"\x89PNG\r\n\x1a\n"
-        struct.pack_into(">I4sIIBBBBB", png, _IHDR, 13, b"IHDR", WIDTH, HEIGHT, 1, 0, 0, 0, 0)
-        _seal(png, _IHDR, 13)
-        zlib_len = 2 + 5 + _RAW + 4
-        struct.pack_into(">I4s", png, _IDAT, zlib_len, b"IDAT")
+        head = self.head = bytearray(_PIXELS)
+        head[0:8] = b"\x89PNG\r\n\x1a\n"
+        struct.pack_into(">I4sIIBBBBB", head, _IHDR, 13, b"IHDR", WIDTH, HEIGHT, 1, 0, 0, 0, 0)
+        struct.pack_into(">I", head, _IHDR + 8 + 13, binascii.crc32(memoryview(head)[_IHDR + 4:_IHDR + 8 + 13]))
+        struct.pack_into(">I4s", head, _IDAT, 2 + 5 + _RAW + 4, b"IDAT")
         # zlib header, then one final stored (uncompressed) deflate block
-        struct.pack_into("<BBBHH", png, _ZLIB, 0x78, 0x01, 0x01, _RAW, _RAW ^ 0xFFFF)
-        struct.pack_into(">I4s", png, _IEND, 0, b"IEND")
-        _seal(png, _IEND, 0)
+        struct.pack_into("<BBBHH", head, _ZLIB, 0x78, 0x01, 0x01, _RAW, _RAW ^ 0xFFFF)
+        self.sums = bytearray(8)  # the pixels' adler32, then IDAT's crc
 
     def show(self):
-        png = self.png
-        pixels = memoryview(self.buffer)
-        at = _PIXELS
-        for row in range(HEIGHT):
-            png[at] = 0  # filter: none
-            png[at + 1:at + 1 + _STRIDE] = pixels[row * _STRIDE:(row + 1) * _STRIDE]
-            at += 1 + _STRIDE
-        struct.pack_into(">I", png, at, _adler32(memoryview(png)[_PIXELS:at]))
-        _seal(png, _IDAT, 2 + 5 + _RAW + 4)
-        write_atomic(self.path, png)
+        # Written to a temporary file and renamed over the old one, as
+        # state.write_atomic does: a reader never sees half a frame.
+        head = self.head
+        rows = memoryview(self.buffer)
+        crc = binascii.crc32(memoryview(head)[_IDAT + 4:])  # IDAT's type, the zlib and block headers
+        a, b = 1, 0  # adler32 of the raw rows, filter bytes included
+        tmp = self.path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(head)
+            for at in range(0, len(rows), _STRIDE):
+                row = rows[at:at + _STRIDE]
+                f.write(_NO_FILTER)
+                f.write(row)
+                crc = binascii.crc32(row, binascii.crc32(_NO_FILTER, crc))
+                b = (b + a) % 65521  # the filter byte, 0
+                for byte in row:
+                    a = (a + byte) % 65521
+                    b = (b + a) % 65521
+            struct.pack_into(">II", self.sums, 0, (b << 16) | a, 0)
+            crc = binascii.crc32(memoryview(self.sums)[:4], crc)
+            struct.pack_into(">I", self.sums, 4, crc)
+            f.write(self.sums)
+            f.write(_IEND)
+        os.rename(tmp, self.path)
