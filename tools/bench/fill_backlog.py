@@ -44,8 +44,8 @@ state.next_seq()
 cycle, _ = fill("bench-cycle", 2000, 1024 * 1024)
 written_offline = cycle.flash_bytes
 while True:
-    bodies, token = cycle.next_batch(2048)
-    if not bodies:
+    taken, _, token = cycle.next_batch(2048)
+    if not taken:
         break
     cycle.ack(token)
 for name in os.listdir("bench-cycle"):

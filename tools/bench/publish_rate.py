@@ -12,7 +12,7 @@ from umqtt import simple
 
 mode, host, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 if mode.startswith("packet"):
-    simple.socket = SocketFactory(5000, 4096, None if mode == "packet-nagle" else (6, 1))
+    simple.socket = SocketFactory(5000, 4096, None if mode == "packet-nagle" else (6, 1), bytearray(512))
 client = simple.MQTTClient("bench-" + mode, host, port, keepalive=60)
 client.connect()
 if mode == "nodelay":
