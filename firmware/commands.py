@@ -2,11 +2,13 @@
 # the board answers on fleet/<id>/cmd/result with {"id", "status", ...}.
 #
 # At most once, across redelivery and reboots: a command's id is written to
-# flash (commands.json, replaced atomically) before it runs, with its result
+# flash (commands.jsonl, replaced atomically) before it runs, with its result
 # once it has one (a short one; a long one is replaced by a note). A
 # command that comes again is not run again: its stored result is sent
 # again, or "failed: interrupted" when the board rebooted while it ran. The
-# file keeps the last KEEP ids.
+# file keeps the last KEEP ids, one [id, status, outcome] per line, and is
+# the only copy: it is searched when a command comes, so the kept commands
+# cost the heap nothing between commands (32 of them held 4 KB as text).
 #
 # Adding a command is one function: cmd_<name>(device, args) returning a
 # JSON-able result, raising Rejected for bad arguments or Failed when it
@@ -14,9 +16,12 @@
 import gc
 import json
 
+import os
+
 from state import stream_atomic
 
-COMMANDS_FILE = "commands.json"
+COMMANDS_FILE = "commands.jsonl"
+_OLD_FILE = "commands.json"  # what firmware before it kept: one JSON document
 KEEP = 32
 _KEPT_OUTCOME = 96  # characters of JSON
 
@@ -86,57 +91,61 @@ class Commands:
         self.report = report  # report(payload bytes): publishes on cmd/result
         self.log = log
         self.path = path
-        # The last KEEP commands, oldest first, each kept as the JSON text
-        # of [id, status, result-or-error]: one small string apiece. As
-        # parsed lists, with their strings and outcome dicts, 32 of them
-        # took 6.5 KB of heap on the unix port (4 KB as text), in many small
-        # objects left wherever each command happened to allocate them.
-        # Parsed only for a redelivery.
-        self.done = []
         self.current = None  # the id of the command being handled
         try:
-            with open(path) as f:
-                loaded = json.load(f)["done"]
-            for entry in loaded:
-                if isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str):
-                    self.done.append(json.dumps(entry))
-            del self.done[:-KEEP]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # none yet, or unreadable: nothing to remember
+            os.remove(_OLD_FILE)
+        except OSError:
+            pass  # none (the usual case)
 
     def _find(self, command_id):
-        # (index in done, [id, status, outcome]) of a command seen, or None.
+        # [id, status, outcome] of a command seen, from the file, or None.
         prefix = "[%s," % json.dumps(command_id)
-        for at, entry in enumerate(self.done):
-            if entry.startswith(prefix):
-                return at, json.loads(entry)
+        try:
+            with open(self.path) as f:
+                for line in f:
+                    if line.startswith(prefix):
+                        return json.loads(line)
+        except (OSError, ValueError):
+            pass  # none yet, or a bad line: not seen
         return None
 
     def _remember(self, command_id, status, outcome):
         # Only a short outcome is kept for a redelivery to repeat: the full
-        # one went out with the result, and 32 `info` results would hold
-        # kilobytes of heap and rewrite kilobytes of flash per command.
+        # one went out with the result, and 32 `info` results would rewrite
+        # kilobytes of flash per command.
         if outcome is not None and not isinstance(outcome, (int, float, bool)):
             text = json.dumps(outcome)
             if len(text) > _KEPT_OUTCOME:
                 outcome = "(%d bytes of JSON, not kept)" % len(text)
         entry = json.dumps([command_id, status, outcome])
-        found = self._find(command_id)
-        if found is None:
-            self.done.append(entry)
-            del self.done[:-KEEP]
-        else:
-            self.done[found[0]] = entry
-        stream_atomic(self.path, self._write)
+        prefix = "[%s," % json.dumps(command_id)
+        stream_atomic(self.path, lambda f: self._write(f, prefix, entry))
 
-    def _write(self, f):
-        # commands.json, {"done": [...]}, written entry by entry.
-        f.write('{"done": [')
-        for at, entry in enumerate(self.done):
-            if at:
-                f.write(", ")
-            f.write(entry)
-        f.write("]}")
+    def _kept(self, prefix):
+        # The file's entries other than the one starting with `prefix`:
+        # each line that is one, in order (bad ones are left behind).
+        try:
+            with open(self.path) as f:
+                for line in f:
+                    if line.startswith('["') and line.endswith("]\n") and not line.startswith(prefix):
+                        yield line
+        except OSError:
+            pass  # none yet
+
+    def _write(self, f, prefix, entry):
+        # The new file: the kept entries but this command's, the oldest
+        # ones dropped to keep KEEP in all, then this command's entry.
+        count = 0
+        for _ in self._kept(prefix):
+            count += 1
+        skip = count - (KEEP - 1)
+        for line in self._kept(prefix):
+            if skip > 0:
+                skip -= 1
+                continue
+            f.write(line)
+        f.write(entry)
+        f.write("\n")
 
     def reject(self, error):
         # A message that could not even be read (too large for the heap).
@@ -187,7 +196,7 @@ class Commands:
         seen = self._find(command_id)
         if seen is not None:
             # Redelivered (a lost PUBACK, a reconnect): never run twice.
-            status, outcome = seen[1][1], seen[1][2]
+            status, outcome = seen[1], seen[2]
             if status == "running":
                 status, outcome = "failed", "interrupted: the board restarted while it ran"
                 self._remember(command_id, status, outcome)
@@ -222,4 +231,4 @@ class Commands:
             # was too long to keep), and is what a redelivery gets too.
             gc.collect()
             self.log("cmd %s: out of memory for its result; sending what was kept" % command_id)
-            self._send(command_id, status, self._find(command_id)[1][2])
+            self._send(command_id, status, self._find(command_id)[2])

@@ -545,13 +545,28 @@ def _check_version():
         log("MicroPython %s is older than %s, the oldest this firmware supports: update the board's MicroPython" % (old, minimum))
 
 
-def _new_device():
-    # protocol.json holds about 11 KB of heap as objects on the 64-bit unix
-    # port (measured; about half on a board): it is read here, the device
-    # copies out the little it keeps, and the rest is garbage once this
-    # returns.
+def _device_protocol():
+    # The settings, and what a Device needs of protocol.json: the file
+    # takes about 11 KB of heap as objects on the 64-bit unix port
+    # (measured; about half on a board), of which the device keeps under
+    # 1 KB. Read in a function of its own, so that none of the rest is
+    # still reachable (a stale frame slot will do, the GC being
+    # conservative) when the Device asks for its buffers: on a small heap
+    # the two did not fit at once, and the board could not boot.
     protocol = settings_mod.load_protocol()
-    return Device(load_settings(protocol), protocol)
+    return load_settings(protocol), {
+        "firmware": protocol.get("firmware", FIRMWARE_VERSION),
+        "topic_root": protocol["topic_root"],
+        "topics": list(protocol["topics"]),
+        "fleet_topics": list(protocol["fleet_topics"]),
+        "config": protocol["config"],
+    }
+
+
+def _new_device():
+    settings, protocol = _device_protocol()
+    gc.collect()
+    return Device(settings, protocol)
 
 
 def _boot():
