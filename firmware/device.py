@@ -379,8 +379,9 @@ class Device:
         return True
 
     async def tick(self):
-        # The device's clock. Every _TICK_MS it feeds the watchdog, wakes
-        # whoever waits for the gateway's ack (`stored`) and, every
+        # The device's clock. Every _TICK_MS it feeds the watchdog, keeps
+        # the link alive (Link.keepalive), wakes whoever waits for the
+        # gateway's ack (`stored`) and, every
         # flush_ms, the forwarder (`recorded`), so that they notice a
         # timeout, a pause ended, a flush due or a link gone. Cheaper than
         # asyncio.wait_for_ms, whose task and closures cost each wait
@@ -398,6 +399,7 @@ class Device:
             if dog is not None:
                 dog.feed()
             await asyncio.sleep_ms(_TICK_MS)
+            self.link.keepalive()
             self.stored.set()
             if ticks_diff(ticks_ms(), woke) >= self.backlog.flush_ms:
                 woke = ticks_ms()

@@ -75,6 +75,8 @@ class Link:
         # far: the broker sends those in order (MQTT 3.1.1, 4.6).
         self.sent = 0
         self.pubacked = 0
+        self.ping_sent = None  # keepalive()'s: when the unanswered ping went, if one did
+        self.last_ping = 0
 
     def subscribe(self, topic, qos=0):
         self.subscriptions.append((topic, qos))
@@ -199,6 +201,8 @@ class Link:
         self.client = client
         self.sock = None
         self.sent = self.pubacked = 0
+        self.ping_sent = None
+        self.last_ping = ticks_ms()
         self.sockets.last = None
         try:
             client.connect(False)
@@ -218,35 +222,53 @@ class Link:
 
     async def _serve(self):
         # Wait for the broker without blocking the loop; read each packet
-        # through umqtt.simple once its first byte is here; ping when quiet.
+        # through umqtt.simple once its first byte is here. No timeout on
+        # the wait: pings are keepalive()'s, on the device's clock. A wait
+        # with one (asyncio.wait_for_ms) cost a task and closures for every
+        # packet read, 0.9 KB of heap while it lasted (measured).
         sock = self.sock
         stream = asyncio.StreamReader(sock.sock)
-        ping_every = self.keepalive_ms // 2
-        ping_sent = None
-        last_ping = ticks_ms()
         while self.connected:
             try:
-                first = await asyncio.wait_for_ms(stream.read(1), ping_every)
-            except asyncio.TimeoutError:
-                first = None
+                first = await stream.read(1)
+            except OSError:
+                if not self.connected:
+                    return  # taken down meanwhile, its socket closed: why is said already
+                raise
             if not self.connected:
                 return
-            if first is not None:
-                if not first:
-                    raise OSError("connection closed by the broker")
-                sock.first = first
-                op = self.client.wait_msg()
-                if op and op & 0xF0 != 0x30:
-                    sock.skip_packet()
-                    if op == 0x40:
-                        self.pubacked += 1  # one of send()'s (publish() reads its own)
-            now = ticks_ms()
-            if ticks_diff(now, last_ping) >= ping_every:
-                if ping_sent is not None and ticks_diff(sock.rx_ticks, ping_sent) < 0:
-                    raise OSError("no answer to ping in %d ms" % ticks_diff(now, ping_sent))
-                self.client.ping()
-                sock.flush()
-                ping_sent = last_ping = now
+            if not first:
+                raise OSError("connection closed by the broker")
+            sock.first = first
+            op = self.client.wait_msg()
+            if op and op & 0xF0 != 0x30:
+                sock.skip_packet()
+                if op == 0x40:
+                    self.pubacked += 1  # one of send()'s (publish() reads its own)
+
+    def keepalive(self):
+        # Called on the device's clock (a few times a second): a ping every
+        # half keepalive (umqtt.simple sends none, and nats-server drops a
+        # client silent for 1.5 x keepalive), and the link taken down when
+        # the last one went unanswered that long. Taking it down closes the
+        # socket, which wakes _serve's wait (with an error), and run() says
+        # why and reconnects.
+        if not self.connected:
+            return
+        now = ticks_ms()
+        if ticks_diff(now, self.last_ping) < self.keepalive_ms // 2:
+            return
+        sock = self.sock
+        if self.ping_sent is not None and ticks_diff(sock.rx_ticks, self.ping_sent) < 0:
+            self._drop(OSError("no answer to ping in %d ms" % ticks_diff(now, self.ping_sent)))
+            return
+        try:
+            self.client.ping()
+            sock.flush()
+        except LINK_ERRORS as e:
+            self._drop(e)
+            return
+        self.ping_sent = self.last_ping = now
 
     def _deliver(self, topic, payload):
         # Runs inside umqtt.simple's read; hand over and return quickly.
