@@ -217,3 +217,34 @@ def test_after_a_soft_reboot_the_next_boot_finds_the_heap_the_first_one_had():
     except KeyboardInterrupt:
         pass
     assert len(free) == 2 and free[1] >= free[0] - 1024, free
+
+
+def test_the_device_is_built_once_protocol_json_is_gone():
+    # protocol.json takes about 11 KB of heap as objects on the unix port,
+    # of which the Device keeps under 1 KB. Built while the whole of it was
+    # still alive, the two did not fit in a 64 KB heap: the board could not
+    # boot. What is alive when the Device starts: the settings and the
+    # little it takes of the protocol.
+    import gc
+
+    import device as firmware
+
+    with open("settings.json", "w") as f:
+        f.write('{"wifi_ssid": "lab", "mqtt_host": "127.0.0.1", "device_id": "heap-1"}')
+    firmware._device_protocol()  # what it loads once, loaded
+    gc.collect()
+    before = gc.mem_alloc()
+    alive = []
+    build = firmware.Device.__init__
+
+    def measured(self, settings, protocol):
+        gc.collect()
+        alive.append(gc.mem_alloc() - before)
+        build(self, settings, protocol)
+
+    firmware.Device.__init__ = measured
+    try:
+        firmware._new_device()
+    finally:
+        firmware.Device.__init__ = build
+    assert alive[0] < 5000, alive
