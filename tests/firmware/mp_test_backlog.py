@@ -303,6 +303,18 @@ def test_a_full_ram_buffer_goes_to_flash_before_the_count_is_reached():
     assert drain(log) == [body(i) for i in range(40)]
 
 
+def allocating(fn, *args):
+    # fn(*args), and the heap it allocated (no collection in between).
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.mem_alloc()
+        result = fn(*args)
+        return result, gc.mem_alloc() - before
+    finally:
+        gc.enable()
+
+
 def test_a_batch_read_from_flash_or_ram_is_not_copied():
     # Forwarding a backlog, a batch is read into the read area, one flash
     # read per batch, and left there, framed as on flash, for the device
@@ -313,14 +325,7 @@ def test_a_batch_read_from_flash_or_ram_is_not_copied():
     log = BacklogLog(flush_records=16, flush_ms=60000)
     for i in range(200):
         log.append(b'{"seq": %d, "note": "%s"}' % (i, "x" * 120))
-    gc.collect()
-    gc.disable()
-    try:
-        before = gc.mem_alloc()
-        count, size, _ = log.read_batch(4096)
-        allocated = gc.mem_alloc() - before
-    finally:
-        gc.enable()
+    (count, size, _), allocated = allocating(log.read_batch, 4096)
     assert count > 20 and size > 4096 and allocated < 64 * count + 512, (count, size, allocated)
     # The same from RAM: the last 8 records were never flushed.
     while True:
@@ -331,14 +336,7 @@ def test_a_batch_read_from_flash_or_ram_is_not_copied():
     assert count == 8
     log.ack(token)
     log.append(body(1))
-    gc.collect()
-    gc.disable()
-    try:
-        before = gc.mem_alloc()
-        count, size, _ = log.next_batch(4096)
-        allocated = gc.mem_alloc() - before
-    finally:
-        gc.enable()
+    (count, size, _), allocated = allocating(log.next_batch, 4096)
     assert count == 1 and allocated < 1024, allocated  # flash is looked at first: a file opened
 
 
