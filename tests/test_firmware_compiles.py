@@ -31,3 +31,16 @@ def test_compiling_a_board_twice_rewrites_nothing(tmp_path: Path) -> None:
     assert {"device.mpy", "board.mpy", "backlog.mpy", "main.py"} <= names and "pngscreen.mpy" not in names
     assert compile_firmware("pico_w", tmp_path) == []
     assert (tmp_path / "protocol.json").exists()
+
+
+def test_compiled_firmware_names_its_sources_as_the_board_does_not_by_this_machine_s_paths(tmp_path: Path) -> None:
+    # mpy-cross records a source name for tracebacks, and a board keeps it
+    # as a string in its heap: "device.py", not where this checkout lies.
+    from fleet.compile import compile_firmware
+
+    compile_firmware("sim", tmp_path)
+    device = (tmp_path / "device.mpy").read_bytes()
+    assert b"device.py" in device
+    for compiled in tmp_path.glob("*.mpy"):
+        assert str(FIRMWARE_DIR).encode() not in compiled.read_bytes(), compiled.name
+        assert str(BOARDS_DIR).encode() not in compiled.read_bytes(), compiled.name

@@ -51,7 +51,10 @@ def compile_firmware(board: str, out_dir: Path, arch: str | None = None) -> list
                 written.append(target)
             continue
         target = out_dir / (source.stem + ".mpy")
-        if _compile(source, target, arch=arch):
+        # Named as on the board ("device.py"): this machine's path has no
+        # business in a board's tracebacks, and each is a string every
+        # board would keep in its heap for good (a qstr).
+        if _compile(source, target, name=source.name, arch=arch):
             written.append(target)
     protocol = out_dir / "protocol.json"
     shutil.copyfile(FIRMWARE_DIR / "protocol.json", protocol)
