@@ -381,12 +381,12 @@ class Device:
     async def tick(self):
         # The device's clock. Every _TICK_MS it feeds the watchdog, keeps
         # the link alive (Link.keepalive), wakes whoever waits for the
-        # gateway's ack (`stored`) and, every
-        # flush_ms, the forwarder (`recorded`), so that they notice a
-        # timeout, a pause ended, a flush due or a link gone. Cheaper than
-        # asyncio.wait_for_ms, whose task and closures cost each wait
-        # about 0.9 KB of heap while it lasts, allocated anew each time
-        # (measured in the unix port): the forwarder waited so all along.
+        # gateway's ack (`stored`) and, every flush_ms, the forwarder
+        # (`recorded`), so that they notice a timeout, a pause ended, a
+        # flush due or a link gone. Cheaper than asyncio.wait_for_ms, whose
+        # task and closures cost each wait about 0.9 KB of heap while it
+        # lasts, allocated anew each time (measured in the unix port): the
+        # forwarder waited so all along.
         # The watchdog is fed by the event loop itself: if any task blocks
         # the loop for longer than its timeout (every socket operation is
         # bounded well below it), the board resets. Started here, after the
