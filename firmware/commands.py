@@ -15,7 +15,6 @@
 # could not be done.
 import gc
 import json
-
 import os
 
 from state import stream_atomic
@@ -24,6 +23,11 @@ COMMANDS_FILE = "commands.jsonl"
 _OLD_FILE = "commands.json"  # what firmware before it kept: one JSON document
 KEEP = 32
 _KEPT_OUTCOME = 96  # characters of JSON
+
+
+def _prefix(command_id):
+    # How the line of a command's entry begins: '["<id>",'.
+    return "[%s," % json.dumps(command_id)
 
 
 class Rejected(Exception):
@@ -97,17 +101,28 @@ class Commands:
         except OSError:
             pass  # none (the usual case)
 
-    def _find(self, command_id):
-        # [id, status, outcome] of a command seen, from the file, or None.
-        prefix = "[%s," % json.dumps(command_id)
+    def _entries(self):
+        # The file's entries, a line each, oldest first (bad lines are left
+        # behind). Read to the end by every caller, so the file is closed.
         try:
             with open(self.path) as f:
                 for line in f:
-                    if line.startswith(prefix):
-                        return json.loads(line)
-        except (OSError, ValueError):
-            pass  # none yet, or a bad line: not seen
-        return None
+                    if line.startswith('["') and line.endswith("]\n"):
+                        yield line
+        except OSError:
+            pass  # none yet
+
+    def _find(self, command_id):
+        # [id, status, outcome] of a command seen, from the file, or None.
+        prefix = _prefix(command_id)
+        found = None
+        for line in self._entries():
+            if line.startswith(prefix):
+                found = line
+        try:
+            return None if found is None else json.loads(found)
+        except ValueError:
+            return None  # a bad line: not seen
 
     def _remember(self, command_id, status, outcome):
         # Only a short outcome is kept for a redelivery to repeat: the full
@@ -118,28 +133,20 @@ class Commands:
             if len(text) > _KEPT_OUTCOME:
                 outcome = "(%d bytes of JSON, not kept)" % len(text)
         entry = json.dumps([command_id, status, outcome])
-        prefix = "[%s," % json.dumps(command_id)
-        stream_atomic(self.path, lambda f: self._write(f, prefix, entry))
-
-    def _kept(self, prefix):
-        # The file's entries other than the one starting with `prefix`:
-        # each line that is one, in order (bad ones are left behind).
-        try:
-            with open(self.path) as f:
-                for line in f:
-                    if line.startswith('["') and line.endswith("]\n") and not line.startswith(prefix):
-                        yield line
-        except OSError:
-            pass  # none yet
+        stream_atomic(self.path, lambda f: self._write(f, _prefix(command_id), entry))
 
     def _write(self, f, prefix, entry):
         # The new file: the kept entries but this command's, the oldest
-        # ones dropped to keep KEEP in all, then this command's entry.
+        # ones dropped to keep KEEP in all, then this command's entry. Two
+        # passes over the old file (at most KEEP lines): the first counts.
         count = 0
-        for _ in self._kept(prefix):
-            count += 1
+        for line in self._entries():
+            if not line.startswith(prefix):
+                count += 1
         skip = count - (KEEP - 1)
-        for line in self._kept(prefix):
+        for line in self._entries():
+            if line.startswith(prefix):
+                continue
             if skip > 0:
                 skip -= 1
                 continue

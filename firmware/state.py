@@ -26,9 +26,9 @@ def write_atomic(path, data):
     _replace(path, "wb" if isinstance(data, (bytes, bytearray)) else "w", lambda f: f.write(data))
 
 
-def stream_atomic(path, write):
-    # Text that write(f) puts into the file piece by piece.
-    _replace(path, "w", write)
+def stream_atomic(path, write, binary=False):
+    # What write(f) puts into the file piece by piece: text, or bytes.
+    _replace(path, "wb" if binary else "w", write)
 
 
 def dump_atomic(path, value):

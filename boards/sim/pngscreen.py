@@ -4,8 +4,9 @@
 # one uncompressed (stored) deflate block, so no compressor is needed.
 import binascii
 import framebuf
-import os
 import struct
+
+from state import stream_atomic
 
 WIDTH = 128
 HEIGHT = 64
@@ -41,27 +42,26 @@ class PngScreen(framebuf.FrameBuffer):
         self.sums = bytearray(8)  # the pixels' adler32, then IDAT's crc
 
     def show(self):
-        # Written to a temporary file and renamed over the old one, as
-        # state.write_atomic does: a reader never sees half a frame.
+        # Atomically (a reader never sees half a frame), streamed.
+        stream_atomic(self.path, self._write, True)
+
+    def _write(self, f):
         head = self.head
         rows = memoryview(self.buffer)
         crc = binascii.crc32(memoryview(head)[_IDAT + 4:])  # IDAT's type, the zlib and block headers
         a, b = 1, 0  # adler32 of the raw rows, filter bytes included
-        tmp = self.path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(head)
-            for at in range(0, len(rows), _STRIDE):
-                row = rows[at:at + _STRIDE]
-                f.write(_NO_FILTER)
-                f.write(row)
-                crc = binascii.crc32(row, binascii.crc32(_NO_FILTER, crc))
-                b = (b + a) % 65521  # the filter byte, 0
-                for byte in row:
-                    a = (a + byte) % 65521
-                    b = (b + a) % 65521
-            struct.pack_into(">II", self.sums, 0, (b << 16) | a, 0)
-            crc = binascii.crc32(memoryview(self.sums)[:4], crc)
-            struct.pack_into(">I", self.sums, 4, crc)
-            f.write(self.sums)
-            f.write(_IEND)
-        os.rename(tmp, self.path)
+        f.write(head)
+        for at in range(0, len(rows), _STRIDE):
+            row = rows[at:at + _STRIDE]
+            f.write(_NO_FILTER)
+            f.write(row)
+            crc = binascii.crc32(row, binascii.crc32(_NO_FILTER, crc))
+            b = (b + a) % 65521  # the filter byte, 0
+            for byte in row:
+                a = (a + byte) % 65521
+                b = (b + a) % 65521
+        struct.pack_into(">II", self.sums, 0, (b << 16) | a, 0)
+        crc = binascii.crc32(memoryview(self.sums)[:4], crc)
+        struct.pack_into(">I", self.sums, 4, crc)
+        f.write(self.sums)
+        f.write(_IEND)
