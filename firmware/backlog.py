@@ -47,7 +47,7 @@ def area_size(batch_bytes):
 
 class BacklogLog:
     def __init__(self, folder="log", budget=256 * 1024, segment_size=16 * 1024, flush_records=16, flush_ms=1000,
-                 pending_bytes=3072, batch_bytes=4096, read_area=None):
+                 pending_bytes=2048, batch_bytes=4096, read_area=None):
         self.folder = folder
         self.budget = budget
         self.segment_size = segment_size
@@ -57,6 +57,8 @@ class BacklogLog:
         # pending_len]. Allocated once: recording then never asks the heap
         # for a growing block, which a heap fragmented by a busy forwarder
         # cannot always give (readings were lost to MemoryError that way).
+        # 2 KB: 11 readings of the board's own telemetry, so at high rates
+        # the buffer, not flush_records, may set when they go to flash.
         self.pending = bytearray(max(pending_bytes, _HEADER + _MAX_RECORD))
         self._pending_view = memoryview(self.pending)
         self.pending_start = 0  # records before it were acknowledged from RAM

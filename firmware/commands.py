@@ -30,6 +30,19 @@ def _prefix(command_id):
     return "[%s," % json.dumps(command_id)
 
 
+def remove_earlier_file():
+    # At boot: what firmware before this one kept, now unused.
+    try:
+        os.remove(_OLD_FILE)
+    except OSError:
+        pass  # none (the usual case)
+
+
+def _is_entry(line):
+    # A whole line of the file: a torn or foreign one is not.
+    return line.startswith('["') and line.endswith("]\n")
+
+
 class Rejected(Exception):
     pass
 
@@ -96,29 +109,32 @@ class Commands:
         self.log = log
         self.path = path
         self.current = None  # the id of the command being handled
-        try:
-            os.remove(_OLD_FILE)
-        except OSError:
-            pass  # none (the usual case)
+        self.others = 0  # entries of other commands in the file (_find)
 
-    def _entries(self):
-        # The file's entries, a line each, oldest first (bad lines are left
-        # behind). Read to the end by every caller, so the file is closed.
+    def _open(self):
+        # The file, to be read a line at a time, or None when there is none
+        # yet. No generator over it: a generator's frame is one of the
+        # larger blocks a command would ask a fragmented heap for.
         try:
-            with open(self.path) as f:
-                for line in f:
-                    if line.startswith('["') and line.endswith("]\n"):
-                        yield line
+            return open(self.path)
         except OSError:
-            pass  # none yet
+            return None
 
     def _find(self, command_id):
-        # [id, status, outcome] of a command seen, from the file, or None.
+        # [id, status, outcome] of a command seen, from the file, or None;
+        # counts the other commands' entries for _write.
         prefix = _prefix(command_id)
         found = None
-        for line in self._entries():
-            if line.startswith(prefix):
-                found = line
+        self.others = 0
+        f = self._open()
+        if f is not None:
+            with f:
+                for line in f:
+                    if _is_entry(line):
+                        if line.startswith(prefix):
+                            found = line
+                        else:
+                            self.others += 1
         try:
             return None if found is None else json.loads(found)
         except ValueError:
@@ -137,20 +153,20 @@ class Commands:
 
     def _write(self, f, prefix, entry):
         # The new file: the kept entries but this command's, the oldest
-        # ones dropped to keep KEEP in all, then this command's entry. Two
-        # passes over the old file (at most KEEP lines): the first counts.
-        count = 0
-        for line in self._entries():
-            if not line.startswith(prefix):
-                count += 1
-        skip = count - (KEEP - 1)
-        for line in self._entries():
-            if line.startswith(prefix):
-                continue
-            if skip > 0:
-                skip -= 1
-                continue
-            f.write(line)
+        # ones dropped to keep KEEP in all (_find counted them), then this
+        # command's entry. Bad lines are left behind.
+        skip = self.others - (KEEP - 1)
+        old = self._open()
+        if old is not None:
+            with old:
+                for line in old:
+                    if not _is_entry(line) or line.startswith(prefix):
+                        continue
+                    if skip > 0:
+                        skip -= 1
+                        continue
+                    f.write(line)
+        self.others = min(self.others, KEEP - 1)
         f.write(entry)
         f.write("\n")
 

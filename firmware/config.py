@@ -31,14 +31,12 @@ def validate(raw, schema):
 
 class Config:
     def __init__(self, schema, apply, report, log, path=CONFIG_FILE):
-        # Kept for the life of the device: without the "about" texts, which
-        # are for people and cost heap.
-        self.schema = {key: {k: v for k, v in rule.items() if k != "about"} for key, rule in schema.items()}
+        self.schema = schema  # protocol.json's "config" table
         self.apply = apply  # apply(values): puts a valid configuration in force
         self.report = report  # report(payload bytes): publishes on config/reported
         self.log = log
         self.path = path
-        self.version = 0  # 0: nothing pushed yet, defaults in force
+        self.version = 0  # 0: nothing pushed yet, defaults in force (the Device sets it)
         self.values = {}
 
     def load(self):

@@ -10,13 +10,9 @@ from time import sleep_ms, ticks_add, ticks_diff, ticks_ms
 from micropython import const
 
 import board as profile
-import settings as settings_mod
 from backlog import BacklogLog, area_size
-from commands import Commands
-from config import Config
 from display import render, to_text
 from link import HEADER_ROOM, Link
-from query import BadFilter, evaluate
 from state import DeviceState
 from telemetry import Telemetry
 
@@ -24,6 +20,35 @@ FIRMWARE_VERSION = "0.1.0"
 # Room for a batch's JSON envelope, in front of its records (_lay_out).
 _ENVELOPE_ROOM = const(128)
 _TICK_MS = const(250)  # see tick()
+# A batch takes at most this part of the heap: its packet buffer is the
+# board's largest block, held for good. The default 4 KB batches need a
+# 128 KB heap (a Pico W has 150-190 KB); on a 64 KB heap they are 2 KB.
+_HEAP_PER_BATCH = const(32)
+_CODE_TRIES = const(5)  # see _import_code
+_CODE_RETRY_MS = const(200)
+
+
+# Code a board runs only now and then: a command, a configuration, a
+# query, the settings at boot. Run in place from a ROM image, it is
+# imported where it is used and let go of once that message, or the boot,
+# is done (_let_go): its function objects and classes, about 6 KB of heap
+# on the unix port (measured), go back to the heap instead of staying for
+# good, and importing it again costs 20-100 us there (its names stay
+# interned; its code never leaves the image). A message imports its code
+# before anything else (_import_code). From .mpy files an import copies
+# the module's code into the heap, so it is imported once, here, before
+# the Device asks for its buffers, and kept.
+_COLD = ("commands", "config", "query", "settings")
+_IN_PLACE = __file__.startswith("/rom/")
+if not _IN_PLACE:
+    for _name in _COLD:
+        __import__(_name)
+
+
+def _let_go():
+    if _IN_PLACE:
+        for name in _COLD:
+            sys.modules.pop(name, None)
 
 
 def log(line):
@@ -64,6 +89,12 @@ class Inbox:
         return item
 
 
+def batch_bytes_for(wanted, heap):
+    # The batch_bytes setting, or less on a heap too small for it (but
+    # never under 1 KB): see _HEAP_PER_BATCH.
+    return min(wanted, max(1024, heap // _HEAP_PER_BATCH))
+
+
 def _seq_of(packet, start, end):
     # The "seq" of the record in packet[start:end] as record() wrote it,
     # without parsing it all (or copying it).
@@ -97,7 +128,11 @@ class Device:
         # sent from where it lies (_lay_out). One buffer, allocated once:
         # a batch costs no copy and no heap of its own.
         self._payload_at = HEADER_ROOM + len(self.topics["batch"]) + _ENVELOPE_ROOM
-        area = area_size(settings["batch_bytes"])
+        heap = gc.mem_alloc() + gc.mem_free()
+        self.batch_bytes = batch_bytes_for(settings["batch_bytes"], heap)
+        if self.batch_bytes < settings["batch_bytes"]:
+            log("forward: batches of %d bytes, not %d, on a heap of %d KB" % (self.batch_bytes, settings["batch_bytes"], heap // 1024))
+        area = area_size(self.batch_bytes)
         self.packet = bytearray(self._payload_at + area + 3)  # 3: the batch's closing "\n]}"
         self.link = Link(self.id, settings, self.board, profile.TCP_NODELAY, self.topics["status"], self._on_message, log,
                          self.packet)
@@ -136,11 +171,30 @@ class Device:
         except Exception as e:
             log("display: unavailable (%r)" % (e,))
             self.screen = None
-        self.config = Config(protocol["config"], self._apply_config, self._report_config, log)
-        self.config.load()  # before any connection: what was last applied
+        self.config_schema = protocol["config"]
+        self.config_version = 0  # 0: nothing pushed yet, defaults in force
+        config = self._config()
+        config.load()  # before any connection: what was last applied
+        self.config_version = config.version
         self.reboot_requested = False
         self.stopped = asyncio.Event()
-        self.commands = Commands(self, self._report_command, log)
+        import commands
+
+        commands.remove_earlier_file()
+
+    def _config(self):
+        # A Config for one message, at the version in force (cold code).
+        import config
+
+        handler = config.Config(self.config_schema, self._apply_config, self._report_config, log)
+        handler.version = self.config_version
+        return handler
+
+    def _commands(self):
+        # Commands for one message (cold code): what they keep is on flash.
+        import commands
+
+        return commands.Commands(self, self._report_command, log)
 
     def _apply_config(self, values):
         # Everything the configuration controls, live, without a reboot.
@@ -174,7 +228,7 @@ class Device:
             "heap_free": gc.mem_free(),
             "temp_c": self.board.temperature_c(),
             "rssi": self.board.rssi(),
-            "config": self.config.version,
+            "config": self.config_version,
             "backlog": self.backlog.backlog(),
             "dropped": self.backlog.dropped,
             "display": self.display_text,
@@ -183,11 +237,13 @@ class Device:
 
     def answer(self, payload):
         # A live query: evaluate the filter here, answer matching or not.
+        import query
+
         try:
-            query = json.loads(payload)
-            query_id = query["q"]
-            where = query.get("where")
-            fields = query.get("fields")
+            asked = json.loads(payload)
+            query_id = asked["q"]
+            where = asked.get("where")
+            fields = asked.get("fields")
             if not isinstance(query_id, str) or (fields is not None and not isinstance(fields, list)):
                 raise ValueError("q must be a string and fields a list")
         except Exception as e:
@@ -196,10 +252,10 @@ class Device:
         reply = {"q": query_id, "id": self.id}
         try:
             info = self.info()
-            reply["match"] = True if where is None else bool(evaluate(where, info))
+            reply["match"] = True if where is None else bool(query.evaluate(where, info))
             if reply["match"]:
                 reply["fields"] = info if fields is None else {f: info.get(f) for f in fields if isinstance(f, str)}
-        except (BadFilter, RuntimeError) as e:  # RuntimeError: recursion on a hostile filter
+        except (query.BadFilter, RuntimeError) as e:  # RuntimeError: recursion on a hostile filter
             reply["error"] = str(e)
         self.link.publish(self.topics["answer"], json.dumps(reply).encode(), False, 0)
 
@@ -240,7 +296,7 @@ class Device:
             status["backlog"] = self.backlog.backlog()
             status["dropped"] = self.backlog.dropped
             status["groups"] = self.settings["groups"]
-            status["config"] = self.config.version
+            status["config"] = self.config_version
         return json.dumps(status).encode()
 
     def _birth(self):
@@ -279,7 +335,7 @@ class Device:
         # from the log's cursor after a growing pause (no gateway running).
         log_ = self.backlog
         link = self.link
-        limit = self.settings["batch_bytes"]
+        limit = self.batch_bytes
         resend_at = ticks_ms()
         misses = 0  # passes in a row without an ack: the pause before resending grows
         connects = link.connects
@@ -453,32 +509,84 @@ class Device:
             inbox.ready.clear()
             while inbox.count:
                 topic, payload, discarded = inbox.get()
-                try:
-                    self.handle(topic, payload, discarded)
-                except Exception as e:  # one bad message must not stop the board
-                    self.errors += 1
-                    log("message on %s failed: %r" % (topic, e))
+                if await self._import_code(topic):
+                    try:
+                        self.handle(topic, payload, discarded)
+                    except Exception as e:  # one bad message must not stop the board
+                        self.errors += 1
+                        log("message on %s failed: %r" % (topic, e))
+                elif topic == self.topics["cmd"]:
+                    self._no_heap_for_command(payload)
+                else:
+                    log("message on %s dropped: no heap for its code" % topic)
+                topic = payload = None  # not kept alive while the inbox is empty
+                _let_go()
+
+    def _code_for(self, topic):
+        # The cold module (_COLD) that handles messages on `topic`, if any.
+        if topic == self.topics["cmd"]:
+            return "commands"
+        if topic == self.topics["config"]:
+            return "config"
+        if topic == self.fleet_topics["query"]:
+            return "query"
+        return None
+
+    async def _import_code(self, topic):
+        # The code a message needs is imported before anything is done
+        # with it. An import asks for a few hundred small blocks; on a
+        # fragmented heap it can fail where the message itself would fit,
+        # and then costs only time: the message waits while the other
+        # tasks run, and tries again. False when it never fitted.
+        name = self._code_for(topic)
+        if name is None:
+            return True
+        for attempt in range(_CODE_TRIES):
+            try:
+                __import__(name)
+                if attempt:
+                    log("message on %s: its code imported at try %d" % (topic, attempt + 1))
+                return True
+            except MemoryError:
+                await asyncio.sleep_ms(_CODE_RETRY_MS)
+        return False
 
     def handle(self, topic, payload, discarded):
         if discarded:
             log("message on %s dropped: %d bytes is over max_payload" % (topic, discarded))
             if topic == self.topics["config"]:
-                self.config.reject("payload of %d bytes is over max_payload" % discarded)
+                self._config().reject("payload of %d bytes is over max_payload" % discarded)
             elif topic == self.topics["cmd"]:
-                self.commands.reject("payload of %d bytes is over max_payload" % discarded)
+                self._commands().reject("payload of %d bytes is over max_payload" % discarded)
             return
         if topic == self.topics["ping"]:
             self.link.publish(self.topics["pong"], payload, False, 0)
         elif topic == self.topics["config"]:
-            self.config.receive(payload)
+            config = self._config()
+            config.receive(payload)
+            self.config_version = config.version
         elif topic == self.fleet_topics["query"]:
             self.answer(payload)
         elif topic == self.topics["display"] or topic == self.fleet_topics["display"]:
             self.show(to_text(payload)[:256])
         elif topic == self.topics["cmd"]:
-            self.commands.receive(payload, self.board.time_s())
+            self._commands().receive(payload, self.board.time_s())
             if self.reboot_requested:
                 self.stopped.set()  # the result is out (QoS 1, acknowledged): now reboot
+
+    def _no_heap_for_command(self, payload):
+        # Not even the commands' code could be imported (_import_code):
+        # answer as Commands answers a MemoryError of its own, rather than
+        # leave the command without one. It did not run.
+        gc.collect()
+        try:
+            command_id = json.loads(payload)["id"]
+        except Exception:
+            command_id = None
+        if not isinstance(command_id, str):
+            command_id = None
+        log("cmd %s: out of memory" % command_id)
+        self._report_command(json.dumps({"id": command_id, "status": "failed", "error": "out of memory on the board"}).encode())
 
     # -- main loop -----------------------------------------------------------------
     async def keep_running(self, name, task, pause_ms=1000):
@@ -519,6 +627,8 @@ class Device:
 
 def load_settings(protocol):
     # Retry with backoff until the settings are usable; one clear line each time.
+    import settings as settings_mod
+
     delay = 1000
     while True:
         try:
@@ -538,7 +648,9 @@ def too_old(minimum, version=None):
 
 
 def _check_version():
-    protocol = settings_mod.load_protocol()
+    from settings import load_protocol
+
+    protocol = load_protocol()
     minimum = protocol.get("micropython_min")
     old = minimum and too_old(minimum)
     if old:
@@ -555,20 +667,25 @@ def _device_protocol():
     # still reachable (a stale frame slot will do, the GC being
     # conservative) when the Device asks for its buffers: on a small heap
     # the two did not fit at once, and the board could not boot.
-    protocol = settings_mod.load_protocol()
+    from settings import load_protocol
+
+    protocol = load_protocol()
     return load_settings(protocol), {
         "firmware": protocol.get("firmware", FIRMWARE_VERSION),
         "topic_root": protocol["topic_root"],
         "topics": list(protocol["topics"]),
         "fleet_topics": list(protocol["fleet_topics"]),
-        "config": protocol["config"],
+        # Without the "about" texts, which are for people and cost heap.
+        "config": {key: {k: v for k, v in rule.items() if k != "about"} for key, rule in protocol["config"].items()},
     }
 
 
 def _new_device():
     settings, protocol = _device_protocol()
     gc.collect()
-    return Device(settings, protocol)
+    device = Device(settings, protocol)
+    _let_go()  # what only the boot needed
+    return device
 
 
 def _boot():
@@ -590,6 +707,7 @@ def _boot():
 
 def main():
     _check_version()
+    _let_go()
     while True:
         gc.collect()
         try:

@@ -2,12 +2,14 @@
 nats-server's MQTT listener."""
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from fleet.cmdcli import send, status
 from fleet.observe import FleetObserver
 from fleet.server import NatsServer
 from fleet.simulator import Simulator
@@ -283,6 +285,12 @@ def test_a_board_runs_in_place_from_a_rom_image(
     assert "sim firmware 0.1.0 from ROM" in log
     assert not [p.name for p in device.flash_dir.iterdir() if p.suffix in (".py", ".mpy")]
     wait_for(lambda: len(stored_readings(server.url, "sim-001")) >= 3, "readings from the ROM board", 15)
+    # Command code is imported from the image for each command and let go
+    # of after it (device._let_go): twice, to see it come back.
+    for name, args, result in (("display", {"text": "from ROM"}, {"shown": "from ROM"}), ("ping", {}, "pong")):
+        (sent,) = asyncio.run(send(server.url, name, args, device="sim-001"))
+        done = wait_for(lambda: (r := asyncio.run(status(server.url, sent.id))).final and r, f"{name} to finish", 20)
+        assert done.state == "succeeded" and done.result == result, done
 
 
 def test_a_safe_file_keeps_the_firmware_from_starting(sim: Simulator) -> None:

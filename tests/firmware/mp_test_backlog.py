@@ -322,7 +322,7 @@ def test_a_batch_read_from_flash_or_ram_is_not_copied():
     # for its CRC. Copies cost the heap a batch's size for every batch,
     # and a board forwarding a backlog on a small heap its time in garbage
     # collection and its large free blocks.
-    log = BacklogLog(flush_records=16, flush_ms=60000)
+    log = BacklogLog(flush_records=16, flush_ms=60000, pending_bytes=3072)  # room for 16
     for i in range(200):
         log.append(b'{"seq": %d, "note": "%s"}' % (i, "x" * 120))
     (count, size, _), allocated = allocating(log.read_batch, 4096)

@@ -207,6 +207,7 @@ def test_after_a_soft_reboot_the_next_boot_finds_the_heap_the_first_one_had():
         if len(free) == 2:
             raise KeyboardInterrupt  # the one exception main() lets out
         booted = _device()
+        firmware._let_go()  # as _new_device does
         booted.stopped = _StopsSoon()
         booted.reboot_requested = True
         return booted
@@ -248,3 +249,128 @@ def test_the_device_is_built_once_protocol_json_is_gone():
     finally:
         firmware.Device.__init__ = build
     assert alive[0] < 5000, alive
+
+
+def test_code_for_commands_configuration_and_queries_is_let_go_of_after_each_message():
+    # Run in place from a ROM image: imported for the message, then back to
+    # the heap. Kept, it cost about 7 KB for good (unix port, measured).
+    import asyncio
+    import gc
+    import sys
+
+    import device as firmware
+
+    firmware._IN_PLACE = True  # these tests run the firmware from source
+    device = _device()
+    sent = []
+    device.link.publish = lambda topic, payload, retain=False, qos=0: sent.append((topic, json.loads(payload)))
+
+    def messages(version):
+        for topic, message in (
+            (device.topics["cmd"], {"id": "c%d" % version, "name": "ping"}),
+            (device.topics["config"], {"version": version, "config": {"led": True}}),
+            (device.fleet_topics["query"], {"q": "q1", "where": [">", "temp_c", -100], "fields": ["id"]}),
+        ):
+            device.inbox.put((topic, json.dumps(message).encode(), 0))
+        device.inbox.put((device.topics["display"], b"hello %d" % version, 0))
+        _dispatch_all(device)
+
+    firmware._let_go()  # as _new_device does
+    messages(1)  # the first time, from source, interns names for good
+    gc.collect()
+    before = gc.mem_alloc()
+    sent.clear()
+    messages(2)
+    assert [body["status"] for topic, body in sent if topic == device.topics["cmd/result"]] == ["delivered", "succeeded"]
+    assert device.config_version == 2 and device.led_on and device.info()["config"] == 2
+    assert [body["match"] for topic, body in sent if topic == device.topics["answer"]] == [True]
+    assert device.display_text == "hello 2"
+    assert not [name for name in firmware._COLD if name in sys.modules]
+    sent.clear()
+    gc.collect()
+    assert gc.mem_alloc() - before < 512, gc.mem_alloc() - before
+
+
+def test_from_mpy_files_the_code_for_commands_and_the_rest_is_imported_once_and_kept():
+    # An import from .mpy copies the module's code into the heap: doing it
+    # for every message would churn (and fragment) the heap it saves.
+    import sys
+
+    import device as firmware
+
+    assert not firmware._IN_PLACE  # from source, as from .mpy
+    assert all(name in sys.modules for name in firmware._COLD)
+    firmware._let_go()
+    assert all(name in sys.modules for name in firmware._COLD)
+
+
+def _dispatch_all(device, until=None):
+    # Runs the device's dispatch until its inbox is empty and `until()`
+    # holds (a message may wait for heap: see Device._import_code).
+    import asyncio
+
+    async def run():
+        task = asyncio.create_task(device.dispatch())
+        for _ in range(300):  # at most 3 s
+            await asyncio.sleep_ms(10)
+            if not device.inbox.count and (until is None or until()):
+                break
+        await asyncio.sleep_ms(10)  # the last one handled
+        task.cancel()
+
+    asyncio.run(run())
+
+
+def test_a_message_whose_code_finds_no_heap_waits_and_tries_again():
+    import sys
+
+    sys.path.append("code")
+    os.mkdir("code")
+    with open("code/no_heap_twice.py", "w") as f:
+        # Its import fails twice, as into a fragmented heap, then fits.
+        f.write("with open('tries', 'a') as f:\n    f.write('x')\nif len(open('tries').read()) < 3:\n    raise MemoryError\n")
+    device = _device()
+    sent = []
+    device.link.publish = lambda topic, payload, retain=False, qos=0: sent.append((topic, json.loads(payload)))
+    device._code_for = lambda topic: "no_heap_twice"
+    device.inbox.put((device.topics["cmd"], b'{"id": "c8", "name": "ping"}', 0))
+    _dispatch_all(device, lambda: len(sent) == 2)
+    assert open("tries").read() == "xxx"
+    assert [body["status"] for topic, body in sent] == ["delivered", "succeeded"], sent
+
+
+def test_a_command_whose_code_never_finds_heap_is_answered_failed_not_left_unanswered():
+    import sys
+
+    sys.path.append("code")
+    os.mkdir("code")
+    with open("code/no_heap.py", "w") as f:
+        f.write("raise MemoryError\n")
+    device = _device()
+    sent = []
+    device.link.publish = lambda topic, payload, retain=False, qos=0: sent.append((topic, json.loads(payload)))
+    device._code_for = lambda topic: "no_heap"
+    device.inbox.put((device.topics["cmd"], b'{"id": "c9", "name": "ping"}', 0))
+    device.inbox.put((device.topics["cmd"], b'{"id": 9', 0))  # and one it cannot even read
+    device.inbox.put((device.topics["config"], b'{"version": 2, "config": {}}', 0))  # dropped, said so
+    _dispatch_all(device, lambda: len(sent) == 2)
+    assert sent == [
+        (device.topics["cmd/result"], {"id": "c9", "status": "failed", "error": "out of memory on the board"}),
+        (device.topics["cmd/result"], {"id": None, "status": "failed", "error": "out of memory on the board"}),
+    ], sent
+    assert device.config_version == 0
+
+
+def test_batches_take_at_most_a_32nd_of_the_heap():
+    import gc
+
+    from device import batch_bytes_for
+
+    assert batch_bytes_for(4096, 64 * 1024) == 2048  # the unix port at -X heapsize=64k
+    assert batch_bytes_for(4096, 128 * 1024) == 4096
+    assert batch_bytes_for(8192, 160 * 1024) == 5120  # a Pico W's heap
+    assert batch_bytes_for(4096, 16 * 1024) == 1024  # never less
+    assert batch_bytes_for(512, 64 * 1024) == 512  # a smaller setting stands
+    device = _device()
+    heap = gc.mem_alloc() + gc.mem_free()
+    assert device.batch_bytes == batch_bytes_for(4096, heap)
