@@ -321,18 +321,26 @@ def _dispatch_all(device, until=None):
     asyncio.run(run())
 
 
-def test_a_message_whose_code_finds_no_heap_waits_and_tries_again():
+def _device_with_code(module, source):
+    # A device whose messages are all handled by `module`, written from
+    # `source` (see Device._code_for), and what it publishes.
     import sys
 
     sys.path.append("code")
     os.mkdir("code")
-    with open("code/no_heap_twice.py", "w") as f:
-        # Its import fails twice, as into a fragmented heap, then fits.
-        f.write("with open('tries', 'a') as f:\n    f.write('x')\nif len(open('tries').read()) < 3:\n    raise MemoryError\n")
+    with open("code/%s.py" % module, "w") as f:
+        f.write(source)
     device = _device()
     sent = []
     device.link.publish = lambda topic, payload, retain=False, qos=0: sent.append((topic, json.loads(payload)))
-    device._code_for = lambda topic: "no_heap_twice"
+    device._code_for = lambda topic: module
+    return device, sent
+
+
+def test_a_message_whose_code_finds_no_heap_waits_and_tries_again():
+    # Its import fails twice, as into a fragmented heap, then fits.
+    source = "with open('tries', 'a') as f:\n    f.write('x')\nif len(open('tries').read()) < 3:\n    raise MemoryError\n"
+    device, sent = _device_with_code("no_heap_twice", source)
     device.inbox.put((device.topics["cmd"], b'{"id": "c8", "name": "ping"}', 0))
     _dispatch_all(device, lambda: len(sent) == 2)
     assert open("tries").read() == "xxx"
@@ -340,16 +348,7 @@ def test_a_message_whose_code_finds_no_heap_waits_and_tries_again():
 
 
 def test_a_command_whose_code_never_finds_heap_is_answered_failed_not_left_unanswered():
-    import sys
-
-    sys.path.append("code")
-    os.mkdir("code")
-    with open("code/no_heap.py", "w") as f:
-        f.write("raise MemoryError\n")
-    device = _device()
-    sent = []
-    device.link.publish = lambda topic, payload, retain=False, qos=0: sent.append((topic, json.loads(payload)))
-    device._code_for = lambda topic: "no_heap"
+    device, sent = _device_with_code("no_heap", "raise MemoryError\n")
     device.inbox.put((device.topics["cmd"], b'{"id": "c9", "name": "ping"}', 0))
     device.inbox.put((device.topics["cmd"], b'{"id": 9', 0))  # and one it cannot even read
     device.inbox.put((device.topics["config"], b'{"version": 2, "config": {}}', 0))  # dropped, said so
