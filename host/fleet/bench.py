@@ -384,15 +384,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="each short run of the heap bisection (default: %(default)s)")
     parser.add_argument("--heap", type=int, metavar="KB",
                         help="skip the bisection: soak the firmware at this heap only")
-    parser.add_argument("--romfs", action="store_true",
-                        help="run the firmware in place from a ROM image, as a board with a ROM partition does")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--romfs", action="store_true",
+                        help="memory: only the firmware run in place from a ROM image, as a board with a ROM partition runs it")
+    source.add_argument("--mpy", action="store_true", help="memory: only the firmware run from .mpy files")
     args = parser.parse_args(argv)
     if args.only != "memory":
         throughput()
     if args.only != "throughput":
-        if args.only is None:
-            print()
-        memory(args.probe, args.soak, args.heap, args.romfs)
+        # Both by default: a board with a ROM partition runs the image, a
+        # stock one the .mpy files.
+        sources = (True,) if args.romfs else (False,) if args.mpy else (True, False)
+        for at, romfs in enumerate(sources):
+            if at or args.only is None:
+                print()
+            memory(args.probe, args.soak, args.heap, romfs)
     return 0
 
 
