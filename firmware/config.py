@@ -30,13 +30,13 @@ def validate(raw, schema):
 
 
 class Config:
-    def __init__(self, schema, apply, report, log, path=CONFIG_FILE):
+    def __init__(self, schema, apply, report, log, path=CONFIG_FILE, version=0):
         self.schema = schema  # protocol.json's "config" table
         self.apply = apply  # apply(values): puts a valid configuration in force
         self.report = report  # report(payload bytes): publishes on config/reported
         self.log = log
         self.path = path
-        self.version = 0  # 0: nothing pushed yet, defaults in force (the Device sets it)
+        self.version = version  # the one in force; 0: nothing pushed yet, defaults
         self.values = {}
 
     def load(self):

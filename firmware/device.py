@@ -186,9 +186,8 @@ class Device:
         # A Config for one message, at the version in force (cold code).
         import config
 
-        handler = config.Config(self.config_schema, self._apply_config, self._report_config, log)
-        handler.version = self.config_version
-        return handler
+        return config.Config(self.config_schema, self._apply_config, self._report_config, log,
+                             version=self.config_version)
 
     def _commands(self):
         # Commands for one message (cold code): what they keep is on flash.
