@@ -34,6 +34,29 @@ def wait_for(check: Callable[[], T | None], what: str, timeout: float, every: fl
         time.sleep(every)
 
 
+def registered(nats_url: str, device_id: str) -> bool:
+    """Whether the gateway's registry has a record of the device (commands naming it are accepted)."""
+    import nats
+
+    from fleet.inventory import UnknownDevice, known_device
+
+    async def check() -> bool:
+        nc = await nats.connect(nats_url)
+        try:
+            await known_device(nc.jetstream(), device_id)
+            return True
+        except UnknownDevice:
+            return False
+        finally:
+            await nc.close()
+
+    return asyncio.run(check())
+
+
+def wait_registered(nats_url: str, device_id: str, timeout: float = 10) -> None:
+    wait_for(lambda: registered(nats_url, device_id), f"the registry to know {device_id}", timeout)
+
+
 def cut_link(sim: Simulator, device: str) -> None:
     """Drop the board's link and wait until it has seen the cut and a refused retry."""
     downs = sim.devices[device].log_text().count("link: down")

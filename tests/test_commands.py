@@ -9,7 +9,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from support import GatewayThread, cut_link, wait_for
+from support import GatewayThread, cut_link, wait_for, wait_registered
 
 from fleet.cli import main
 from fleet.cmdcli import send, status
@@ -26,10 +26,11 @@ def sim(simulators: Callable[..., Simulator], gateway: GatewayThread) -> Simulat
     return simulators(settings_defaults=FAST, fault_injection=True)
 
 
-def online(sim: Simulator, device: str = "sim-001") -> None:
+def online(sim: Simulator, server: NatsServer, device: str = "sim-001") -> None:
     sim.add(device)
     sim.start(device)
     sim.wait_for_log(device, "link: up", timeout=10)
+    wait_registered(server.url, device)  # commands name devices the registry knows
 
 
 def record(server: NatsServer, command_id: str) -> CommandRecord:
@@ -53,7 +54,7 @@ def publish_raw(server: NatsServer, topic: str, payloads: list[bytes]) -> None:
 
 
 def test_a_command_sent_while_offline_runs_once_on_reconnect(sim: Simulator, server: NatsServer) -> None:
-    online(sim)
+    online(sim, server)
     cut_link(sim, "sim-001")
     (sent,) = asyncio.run(send(server.url, "blink", {"times": 2}, device="sim-001"))
     wait_for(lambda: record(server, sent.id).state == "sent", "the gateway to hand it to the broker", 10)
@@ -65,7 +66,7 @@ def test_a_command_sent_while_offline_runs_once_on_reconnect(sim: Simulator, ser
 
 
 def test_a_redelivered_command_is_not_run_twice_even_across_a_reboot(sim: Simulator, server: NatsServer) -> None:
-    online(sim)
+    online(sim, server)
     message = json.dumps({"id": "c-redelivered", "name": "display", "args": {"text": "once"}, "expires": None}).encode()
     # The same message twice, as the broker does when the PUBACK was lost.
     publish_raw(server, "fleet/sim-001/cmd", [message, message])
@@ -80,7 +81,7 @@ def test_a_redelivered_command_is_not_run_twice_even_across_a_reboot(sim: Simula
 
 
 def test_reboot_reports_first_and_happens_once(sim: Simulator, server: NatsServer, capsys: pytest.CaptureFixture[str]) -> None:
-    online(sim)
+    online(sim, server)
     capsys.readouterr()
     code = main(["cmd", "send", "sim-001", "reboot", "--wait", "--json", "--nats", server.url])
     (done,) = json.loads(capsys.readouterr().out)
@@ -94,7 +95,7 @@ def test_reboot_reports_first_and_happens_once(sim: Simulator, server: NatsServe
 
 
 def test_an_expired_command_is_never_run(sim: Simulator, server: NatsServer) -> None:
-    online(sim)
+    online(sim, server)
     cut_link(sim, "sim-001")
     (sent,) = asyncio.run(send(server.url, "blink", {"times": 1}, device="sim-001", ttl=1.0))
     done = final(server, sent.id, timeout=10)
@@ -109,7 +110,7 @@ def test_an_expired_command_is_never_run(sim: Simulator, server: NatsServer) -> 
 def test_unknown_commands_bad_arguments_and_garbage_are_rejected_and_the_board_stays_up(
     sim: Simulator, server: NatsServer
 ) -> None:
-    online(sim)
+    online(sim, server)
     (unknown,) = asyncio.run(send(server.url, "selfdestruct", {}, device="sim-001", wait=15))
     assert unknown.state == "rejected" and "unknown command 'selfdestruct'" in (unknown.error or "")
     (bad,) = asyncio.run(send(server.url, "blink", {"times": "lots"}, device="sim-001", wait=15))
@@ -125,8 +126,8 @@ def test_unknown_commands_bad_arguments_and_garbage_are_rejected_and_the_board_s
 def test_a_fan_out_gives_each_device_its_own_command(
     sim: Simulator, server: NatsServer, gateway: GatewayThread, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    online(sim, "sim-001")
-    online(sim, "sim-002")
+    online(sim, server, "sim-001")
+    online(sim, server, "sim-002")
     wait_for(lambda: gateway.gateway.config_publisher and {"sim-001", "sim-002"} <= set(gateway.gateway.config_publisher.groups),
              "both boards in the registry", 10)
     capsys.readouterr()
@@ -143,7 +144,7 @@ def test_a_fan_out_gives_each_device_its_own_command(
 def test_the_gateway_serves_commands_and_configuration_as_micro_endpoints(sim: Simulator, server: NatsServer) -> None:
     import nats
 
-    online(sim)
+    online(sim, server)
     (done,) = asyncio.run(send(server.url, "ping", {}, device="sim-001", wait=15))
 
     async def ask() -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any], str]:

@@ -88,7 +88,7 @@ def test_an_invalid_configuration_is_rejected_and_the_previous_stays(
 
     # The CLI refuses a bad value before storing anything.
     code, _, err = fleet(server, capsys, "set", "sim-001", "telemetry_interval_ms=5")
-    assert code == 1 and "telemetry_interval_ms: must be from 10 to 86400000" in err
+    assert code == 2 and "telemetry_interval_ms: must be from 10 to 86400000" in err
 
     # Written past the CLI (another tool, an older schema): the board refuses it.
     async def put_directly() -> int:

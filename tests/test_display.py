@@ -14,7 +14,7 @@ from pathlib import Path
 
 import nats
 import pytest
-from support import GatewayThread, wait_for
+from support import GatewayThread, wait_for, wait_registered
 
 from fleet.paths import micropython_executable, micropython_path
 from fleet.server import NatsServer
@@ -27,6 +27,7 @@ def sim(tmp_path: Path, server: NatsServer, gateway: GatewayThread) -> Iterator[
     try:
         simulator.start(simulator.add("sim-001").device_id)
         simulator.wait_for_log("sim-001", "link: up")
+        wait_registered(server.url, "sim-001")
         yield simulator
     finally:
         simulator.stop_all()

@@ -97,7 +97,7 @@ def test_queries_return_exactly_the_matching_boards(fleet10: Any, capsys: pytest
 def test_an_invalid_filter_fails_on_the_host_with_the_position(fleet10: Any, capsys: pytest.CaptureFixture[str]) -> None:
     server, _, _ = fleet10
     code, found, err = run_query(server, capsys, "--where", "temp >> 40")
-    assert code == 1 and found == [] and "position 7" in err and err.rstrip().endswith("^")
+    assert code == 2 and found == [] and "position 7" in err and err.rstrip().endswith("^")
 
 
 def test_a_silent_board_is_reported_missing_and_the_query_ends_at_its_timeout(

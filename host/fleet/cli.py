@@ -9,6 +9,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
+
+from .errors import FleetError, Refused, TimedOut, Unavailable, UsageError
+from .redact import redact_url
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
@@ -33,20 +37,22 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
-class CommandError(Exception):
-    """A failure to report in one line on stderr, without a traceback."""
-
-
-def _reported_in_one_line() -> tuple[type[BaseException], ...]:
-    # What a command can run into through no fault of the code: server down,
-    # gateway down, JetStream refusing a request. Anything else keeps its traceback.
+def _one_sentence(error: BaseException) -> FleetError | None:
+    # Failures from the libraries below, in the words of the fleet; None:
+    # a bug, which keeps its traceback.
     import nats.errors
 
-    from .inventory import ApiError, GatewayNotRunning
-    from .natsconn import NatsUnavailable
-    from .tail import StreamMissing
-
-    return (CommandError, NatsUnavailable, GatewayNotRunning, ApiError, StreamMissing, nats.errors.Error)
+    if isinstance(error, FleetError):
+        return error
+    if isinstance(error, nats.errors.NoRespondersError):
+        return Unavailable("nobody answered: is the fleet gateway running? (`fleet gateway`)")
+    if isinstance(error, nats.errors.TimeoutError):
+        return TimedOut("the NATS server did not answer in time")
+    if isinstance(error, (nats.errors.ConnectionClosedError, nats.errors.NoServersError)):
+        return Unavailable(f"lost the NATS server ({type(error).__name__})")
+    if isinstance(error, nats.errors.Error):
+        return Refused(str(error) or type(error).__name__)
+    return None
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -69,7 +75,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     async def serve() -> None:
         gateway = Gateway(config)
         await gateway.start()
-        print(f"fleet gateway running on {config.nats_url} (service {gateway.service_id}); Ctrl-C stops it")
+        print(f"fleet gateway running on {redact_url(config.nats_url)} (service {gateway.service_id}); Ctrl-C stops it")
         sys.stdout.flush()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -94,11 +100,38 @@ def cmd_devices(args: argparse.Namespace) -> int:
     records = asyncio.run(fetch_devices(args.nats, timeout=args.timeout))
     if args.json:
         print(json.dumps([record.to_json() for record in records], indent=2))
-    elif records:
-        print(format_table(records))
-    else:
-        print("no devices yet")
+        return 0
+    print(format_table(records) if records else "no devices yet")
+    for line in asyncio.run(_gateway_health_lines(args.nats)):
+        print(line)
     return 0
+
+
+async def _gateway_health_lines(nats_url: str) -> list[str]:
+    # Below the table: what each gateway can reach, so "in sync: no" has a visible cause.
+    import time
+
+    from .inventory import fetch_health_over, format_age
+    from .natsconn import connect
+
+    nc = await connect(nats_url, name="fleet-devices")
+    try:
+        answers = await fetch_health_over(nc, 1.0)
+    finally:
+        await nc.close()
+    lines = []
+    for health in sorted(answers, key=lambda h: str(h.get("instance"))):
+        mqtt = health.get("mqtt")
+        if mqtt is None:
+            state = "no MQTT listener given: configuration and commands are not sent"
+        elif mqtt.get("connected"):
+            state = f"MQTT {mqtt.get('address')} connected"
+        else:
+            since = mqtt.get("since")
+            when = f" since {format_age(time.time() - since)}" if isinstance(since, (int, float)) else ""
+            state = f"MQTT {mqtt.get('address')} DOWN{when}: {mqtt.get('error') or 'not connected'}"
+        lines.append(f"gateway {health.get('instance')}: {state}")
+    return lines
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
@@ -109,7 +142,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     from .tail import Reading, follow
 
     if args.device is not None and not is_valid_device_id(args.device):
-        raise CommandError(f"invalid device id {args.device!r}: expected [A-Za-z0-9_-]{{1,32}}")
+        raise UsageError(f"invalid device id {args.device!r}: expected [A-Za-z0-9_-]{{1,32}}")
 
     def show(reading: Reading) -> None:
         # Flushed per line: the output is often piped into another program.
@@ -133,7 +166,7 @@ def _check_one_target(args: argparse.Namespace) -> None:
     # `fleet config` and `fleet cmd` address a device, a group or the fleet.
     chosen = [name for name, given in (("DEVICE", args.device), ("--group", args.group), ("--all", args.all)) if given]
     if len(chosen) != 1:
-        raise CommandError("name exactly one target: DEVICE, --group G or --all")
+        raise UsageError("name exactly one target: DEVICE, --group G or --all")
 
 
 def _config_target(args: argparse.Namespace) -> str:
@@ -149,41 +182,42 @@ def cmd_config(args: argparse.Namespace) -> int:
     from datetime import datetime
 
     from . import configcli
-    from .config import ConfigError, describe_level
+    from .config import describe_level
 
-    try:
-        if args.action == "get":
-            view = asyncio.run(configcli.get_config(args.nats, args.device))
-            print(json.dumps(view.to_json(), indent=2) if args.json else view.format())
+    notes: list[str] = []
+    if args.action == "get":
+        view = asyncio.run(configcli.get_config(args.nats, args.device))
+        print(json.dumps(view.to_json(), indent=2) if args.json else view.format())
+        return 0
+    if args.action == "set" and args.device and "=" in args.device:
+        # `set --all led=on`: the optional DEVICE slot took the first assignment.
+        args.assignments.insert(0, args.device)
+        args.device = None
+    key = _config_target(args)
+    if args.action == "set":
+        if not args.assignments:
+            raise UsageError("nothing to set: give key=value (key= removes a key)")
+        level = asyncio.run(configcli.set_config(args.nats, key, args.assignments, args.if_version,
+                                                 force=args.force, notes=notes))
+    elif args.action == "rollback":
+        level = asyncio.run(configcli.rollback(args.nats, key, args.to, args.if_version))
+    else:
+        levels = asyncio.run(configcli.history(args.nats, key))
+        if args.json:
+            print(json.dumps([level.to_json() for level in levels], indent=2))
             return 0
-        if args.action == "set" and args.device and "=" in args.device:
-            # `set --all led=on`: the optional DEVICE slot took the first assignment.
-            args.assignments.insert(0, args.device)
-            args.device = None
-        key = _config_target(args)
-        if args.action == "set":
-            if not args.assignments:
-                raise CommandError("nothing to set: give key=value (key= removes a key)")
-            level = asyncio.run(configcli.set_config(args.nats, key, args.assignments, args.if_version))
-        elif args.action == "rollback":
-            level = asyncio.run(configcli.rollback(args.nats, key, args.to, args.if_version))
-        else:
-            levels = asyncio.run(configcli.history(args.nats, key))
-            if args.json:
-                print(json.dumps([level.to_json() for level in levels], indent=2))
-                return 0
-            if not levels:
-                print(f"{describe_level(key)}: no configuration yet")
-            for level in levels:
-                when = datetime.fromtimestamp(level.time).strftime("%Y-%m-%d %H:%M:%S") if level.time else "-"
-                print(f"version {level.version}  {when}  {json.dumps(level.values, sort_keys=True)}")
-            return 0
-    except ConfigError as error:
-        raise CommandError(str(error)) from None
+        if not levels:
+            print(f"{describe_level(key)}: no configuration yet")
+        for level in levels:
+            when = datetime.fromtimestamp(level.time).strftime("%Y-%m-%d %H:%M:%S") if level.time else "-"
+            print(f"version {level.version}  {when}  {json.dumps(level.values, sort_keys=True)}")
+        return 0
     if args.json:
         print(json.dumps(level.to_json(), indent=2))
     else:
         print(f"{describe_level(key)}: version {level.version} {json.dumps(level.values, sort_keys=True)}")
+    for note in notes:
+        print(f"fleet config: {note}", file=sys.stderr)
     return 0
 
 
@@ -193,36 +227,37 @@ def cmd_cmd(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from . import cmdcli
-    from .commands import CommandError, parse_args, parse_duration
+    from .commands import parse_args, parse_duration
 
     if args.action == "send":
         # DEVICE NAME [ARGS] for one device; NAME [ARGS] with --group or --all.
         words = list(args.target)
         args.device = words.pop(0) if not (args.group or args.all) and len(words) >= 2 else None
         if not words:
-            raise CommandError("which command? e.g. fleet cmd send sim-001 ping")
+            raise UsageError("which command? e.g. fleet cmd send sim-001 ping")
         args.name = words.pop(0)
         args.args = words.pop(0) if words else None
         if words:
-            raise CommandError(f"unexpected {' '.join(words)!r}: ARGS is one JSON object")
-    try:
-        if args.action == "send":
-            _check_one_target(args)
-            records = asyncio.run(cmdcli.send(
-                args.nats, args.name, parse_args(args.args), device=args.device, group=args.group, everyone=args.all,
-                ttl=parse_duration(args.ttl) if args.ttl else None, wait=args.timeout if args.wait else None,
-            ))
-        elif args.action == "status":
-            records = [asyncio.run(cmdcli.status(args.nats, args.id))]
-        else:
-            records = asyncio.run(cmdcli.list_for(args.nats, args.device))
-    except CommandError as error:
-        raise CommandError(str(error)) from None
+            raise UsageError(f"unexpected {' '.join(words)!r}: ARGS is one JSON object")
+    notes: list[str] = []
+    if args.action == "send":
+        _check_one_target(args)
+        records = asyncio.run(cmdcli.send(
+            args.nats, args.name, parse_args(args.args), device=args.device, group=args.group, everyone=args.all,
+            ttl=parse_duration(args.ttl) if args.ttl else None, wait=args.timeout if args.wait else None,
+            force=args.force, notes=notes,
+        ))
+    elif args.action == "status":
+        records = [asyncio.run(cmdcli.status(args.nats, args.id))]
+    else:
+        records = asyncio.run(cmdcli.list_for(args.nats, args.device))
     if args.json:
         print(json.dumps([asdict(r) for r in records] if args.action != "status" else asdict(records[0]), indent=2))
     else:
         for record in records:
             print(cmdcli.format_record(record))
+    for note in notes:
+        print(f"fleet cmd: {note}", file=sys.stderr)
     if args.action == "send" and args.wait:
         return 0 if all(r.state == "succeeded" for r in records) else 1
     return 0
@@ -231,25 +266,30 @@ def cmd_cmd(args: argparse.Namespace) -> int:
 def cmd_display(args: argparse.Namespace) -> int:
     import asyncio
 
+    from .inventory import known_device
     from .natsconn import connect
     from .protocol import is_valid_device_id, nats_subject, topic_root
 
     text = sys.stdin.read() if args.text == "-" else args.text
     data = text.rstrip("\n").encode()
     if len(data) > 256:
-        raise CommandError(f"{len(data)} bytes is too long: a display shows at most 16 x 8 characters")
+        raise UsageError(f"{len(data)} bytes is too long: a display shows at most 16 x 8 characters")
     if args.device == "--all" or args.all:
         subject = f"{topic_root()}.display"
     elif args.device and is_valid_device_id(args.device):
         subject = nats_subject(args.device, "display")
     else:
-        raise CommandError(f"invalid device id {args.device!r}: expected [A-Za-z0-9_-]{{1,32}}")
+        raise UsageError(f"invalid device id {args.device!r}: expected [A-Za-z0-9_-]{{1,32}}")
 
     async def push() -> None:
         # A plain NATS publish: the MQTT listener delivers it to the board's
         # subscription (QoS 0, boards online now), as `nats pub` would.
         nc = await connect(args.nats, name="fleet-display")
         try:
+            if subject != f"{topic_root()}.display":
+                record = await known_device(nc.jetstream(), args.device)
+                if record.online is False:
+                    print(f"fleet display: {args.device} is offline: the text is not kept for it", file=sys.stderr)
             await nc.publish(subject, data)
             await nc.flush()
         finally:
@@ -276,7 +316,7 @@ def cmd_nickname(args: argparse.Namespace) -> int:
         try:
             if args.push:
                 if not is_valid_device_id(args.push):
-                    raise CommandError(f"invalid device id {args.push!r}")
+                    raise UsageError(f"invalid device id {args.push!r}")
                 answer = await push(nc, args.push)
                 print(f"{args.push}: {answer['nickname']} (from {answer['instance']})")
             elif args.serve:
@@ -291,7 +331,7 @@ def cmd_nickname(args: argparse.Namespace) -> int:
             else:
                 print(json.dumps(await ask(nc)))
         except (TimeoutError, nats.errors.NoRespondersError):
-            raise CommandError("no nickname instance answered: start one with `fleet nickname --serve`") from None
+            raise Unavailable("no nickname instance answered: start one with `fleet nickname --serve`") from None
         finally:
             await nc.close()
         return 0
@@ -303,14 +343,12 @@ def cmd_query(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
+    from .inventory import gateway_answers
     from .natsconn import connect
-    from .query import QueryError, check_fields, parse_filter, scatter
+    from .query import check_fields, parse_filter, scatter
 
-    try:
-        where = parse_filter(args.where or "")
-        fields = check_fields([f.strip() for f in args.fields.split(",") if f.strip()]) if args.fields else None
-    except (QueryError, ValueError) as error:
-        raise CommandError(str(error)) from None
+    where = parse_filter(args.where or "")
+    fields = check_fields([f.strip() for f in args.fields.split(",") if f.strip()]) if args.fields else None
 
     def show(found: dict[str, object]) -> None:
         # Printed as they arrive.
@@ -324,6 +362,11 @@ def cmd_query(args: argparse.Namespace) -> int:
         nc = await connect(args.nats, name="fleet-query")
         try:
             outcome = await scatter(nc, where, fields, args.timeout, on_match=show)
+            hint = ""
+            if not outcome.online:
+                # The online list comes from the registry, which only a gateway keeps.
+                hint = ("; no board is online" if await gateway_answers(nc) else
+                        "; no fleet gateway is running: it keeps the list of online boards (`fleet gateway`)")
         finally:
             await nc.close()
         summary = f"{len(outcome.matches)} matching, {len(outcome.answered)} answered, {len(outcome.online)} online"
@@ -331,14 +374,21 @@ def cmd_query(args: argparse.Namespace) -> int:
             summary += f"; {len(outcome.missing)} online did not answer: {', '.join(outcome.missing)}"
         for device, error in sorted(outcome.errors.items()):
             print(f"{device}: error: {error}", file=sys.stderr)
-        print(summary, file=sys.stderr)
+        print(summary + hint, file=sys.stderr)
         return 0
 
     return asyncio.run(run())
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line, like every other error (subcommands inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fleet", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="fleet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -396,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = config_action("set", "change keys at one level (key=value; key= removes it)")
     a.add_argument("assignments", nargs="*", metavar="key=value")
     a.add_argument("--if-version", type=int, metavar="N", help="refuse unless the level is at version N")
+    a.add_argument("--force", action="store_true", help="set a device level for a device that has never connected")
     config_action("get", "desired, reported and in sync, for one device", device_only=True)
     config_action("history", "every version of one level")
     a = config_action("rollback", "make an earlier version of one level the current one")
@@ -419,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--ttl", metavar="DURATION", help="not run after this long (30s, 5m, 2h, 1d)")
     a.add_argument("--wait", action="store_true", help="wait for the results; exit 1 unless all succeeded")
     a.add_argument("--timeout", type=float, default=30.0, help="how long --wait waits (default: %(default)s s)")
+    a.add_argument("--force", action="store_true", help="queue it even for a device that has never connected")
     a = cmd_action("status", "one command's state and history")
     a.add_argument("id")
     a = cmd_action("list", "the commands sent to one device")
@@ -465,10 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as error:
-        if not isinstance(error, _reported_in_one_line()):
+        reported = _one_sentence(error)
+        if reported is None:
             raise
-        print(f"fleet {args.command}: {str(error) or type(error).__name__}", file=sys.stderr)
-        return 1
+        print(f"fleet {args.command}: {str(reported) or type(reported).__name__}", file=sys.stderr)
+        return reported.exit_code
 
 
 if __name__ == "__main__":

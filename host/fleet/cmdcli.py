@@ -10,45 +10,96 @@ from typing import Any
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from .commands import CommandError, CommandRecord, CommandStore, commands_bucket
-from .inventory import registry_records
+from .errors import NotFound
+from .inventory import UnknownDevice, format_age, gateway_answers, known_device, registry_records
 from .natsconn import connect
 from .protocol import is_valid_device_id
 
 
-async def _targets(js: Any, device: str | None, group: str | None, everyone: bool) -> list[str]:
+async def _targets(js: Any, device: str | None, group: str | None, everyone: bool, force: bool = False) -> list[str]:
     if device is not None:
         if not is_valid_device_id(device):
             raise CommandError(f"invalid device id {device!r}: expected [A-Za-z0-9_-]{{1,32}}")
+        if not force:
+            try:
+                await known_device(js, device)
+            except UnknownDevice as error:
+                raise NotFound(f"{error}; --force queues the command for a board not yet provisioned") from None
         return [device]
     chosen = [
         record.id for record in await registry_records(js)
         if everyone or (group is not None and group in record.groups)
     ]
     if not chosen:
-        raise CommandError(f"no device in group {group}" if group else "no devices known yet")
+        raise NotFound(f"no known device is in group {group}" if group else "no devices known yet (`fleet devices` lists them)")
     return sorted(chosen)
 
 
 async def send(
     nats_url: str, name: str, args: dict[str, Any], *, device: str | None = None, group: str | None = None,
     everyone: bool = False, ttl: float | None = None, wait: float | None = None, timeout: float = 5.0,
+    force: bool = False, notes: list[str] | None = None,
 ) -> list[CommandRecord]:
-    """One command record per target device; with `wait`, until all are final or `wait` s pass."""
+    """One command record per target device; with `wait`, until all are final or `wait` s pass.
+
+    `notes` collects what the user should know: no gateway to deliver the
+    commands, and why the ones still unfinished after `wait` are not done.
+    """
     nc = await connect(nats_url, name="fleet-cmd", timeout=timeout)
     try:
         js = nc.jetstream(timeout=timeout)
+        targets = await _targets(js, device, group, everyone, force)
         store = CommandStore(await commands_bucket(js))
-        records = [await store.create(target, name, args, ttl) for target in await _targets(js, device, group, everyone)]
+        records = [await store.create(target, name, args, ttl) for target in targets]
+        gateway_up = await gateway_answers(nc)
+        if not gateway_up and notes is not None:
+            notes.append("no fleet gateway is running: the commands stay queued until `fleet gateway` runs")
         if wait is None:
             return records
         deadline = time.monotonic() + wait
         while True:
             records = [(await store.get(record.id))[0] for record in records]
-            if all(record.final for record in records) or time.monotonic() > deadline:
+            if all(record.final for record in records):
+                return records
+            if time.monotonic() > deadline:
+                if notes is not None:
+                    notes.extend(await why_unfinished(nc, records, wait, gateway_up))
                 return records
             await asyncio.sleep(0.1)
     finally:
         await nc.close()
+
+
+async def why_unfinished(nc: Any, records: list[CommandRecord], waited: float, gateway_up: bool) -> list[str]:
+    """One sentence per command not final after the wait: what it is waiting for."""
+    from .inventory import fetch_health_over
+
+    registry = {record.id: record for record in await registry_records(nc.jetstream())}
+    mqtt_down = [] if not gateway_up else [
+        health for health in await fetch_health_over(nc, 1.0)
+        if health.get("mqtt") is not None and not health["mqtt"].get("connected")
+    ]
+    now = time.time()
+    reasons = []
+    for record in records:
+        if record.final:
+            continue
+        why = f"{record.id} to {record.device} still {record.state} after {waited:g} s"
+        device = registry.get(record.device)
+        if not gateway_up:
+            why += ": no fleet gateway is running to deliver it"
+        elif mqtt_down and record.state == "queued":
+            mqtt = mqtt_down[0]["mqtt"]
+            why += f": the gateway cannot reach its MQTT listener {mqtt.get('address')} ({mqtt.get('error')})"
+        elif device is None or not device.online:
+            since = f" since {format_age(now - device.since)}" if device is not None and device.since else ""
+            why += f": {record.device} is offline{since}; it gets the command when it reconnects"
+            if record.expires is not None:
+                why += f" (unless it expires first, in {max(0, record.expires - now):.0f} s)"
+        else:
+            why += f": {record.device} is online but has not answered"
+        reasons.append(why)
+    return reasons
 
 
 async def status(nats_url: str, command_id: str, timeout: float = 5.0) -> CommandRecord:
@@ -58,7 +109,7 @@ async def status(nats_url: str, command_id: str, timeout: float = 5.0) -> Comman
         try:
             return (await store.get(command_id))[0]
         except (KeyNotFoundError, NotFoundError):
-            raise CommandError(f"no command {command_id}") from None
+            raise NotFound(f"no command {command_id} (`fleet cmd list DEVICE` lists a device's commands)") from None
     finally:
         await nc.close()
 
@@ -66,8 +117,12 @@ async def status(nats_url: str, command_id: str, timeout: float = 5.0) -> Comman
 async def list_for(nats_url: str, device: str, timeout: float = 5.0) -> list[CommandRecord]:
     nc = await connect(nats_url, name="fleet-cmd", timeout=timeout)
     try:
-        store = CommandStore(await commands_bucket(nc.jetstream(timeout=timeout)))
-        return [record for record in await store.all() if record.device == device]
+        js = nc.jetstream(timeout=timeout)
+        store = CommandStore(await commands_bucket(js))
+        found = [record for record in await store.all() if record.device == device]
+        if not found:
+            await known_device(js, device)  # none sent, or no such device: say which
+        return found
     finally:
         await nc.close()
 

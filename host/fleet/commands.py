@@ -29,6 +29,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from .errors import UsageError
 from .jetstream import bucket_keys, ensure_bucket, quietly
 from .protocol import COMMANDS_BUCKET, COMMAND_RESULTS_STREAM, is_valid_device_id, mqtt_topic, nats_subject
 
@@ -39,7 +40,7 @@ ORDER = {"queued": 0, "sent": 1, "delivered": 2, "succeeded": 3, "failed": 3, "r
 RESULTS_CONSUMER = "fleet-gateway-command-results"
 
 
-class CommandError(ValueError):
+class CommandError(UsageError):
     """A bad command request; args[0] says why."""
 
 

@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .errors import FleetError
 from .paths import BOARDS_DIR, FIRMWARE_DIR, MICROPYTHON_LIB_DIR
 
 
-class CompileError(RuntimeError):
+class CompileError(FleetError, RuntimeError):
     pass
 
 

@@ -27,18 +27,21 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from .jetstream import ensure_bucket, key_history
+from .errors import UsageError
 from .protocol import CONFIG_BUCKET, is_valid_device_id, protocol
 from .schema import parse_value, problem
 
 CONFIG_HISTORY = 64
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration the board would reject, or a bad request; args[0] says why."""
 
 
 class VersionConflict(ConfigError):
     """--if-version did not match the level's current version."""
+
+    exit_code = 1
 
 
 def config_schema() -> dict[str, dict[str, Any]]:

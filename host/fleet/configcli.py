@@ -12,6 +12,8 @@ from typing import Any
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from .config import ConfigStore, Effective, Level, config_bucket, describe_level, level_key, parse_assignment
+from .errors import NotFound
+from .inventory import UnknownDevice, gateway_answers, known_device, registry_records
 from .natsconn import connect
 from .protocol import CONFIG_REPORTS_STREAM, DEVICES_BUCKET, nats_subject
 from .wire import DeviceRecord
@@ -74,20 +76,44 @@ async def _store(nats_url: str, timeout: float) -> tuple[Any, ConfigStore]:
 
 
 async def set_config(
-    nats_url: str, key: str, assignments: list[str], if_version: int | None, timeout: float = 5.0
+    nats_url: str, key: str, assignments: list[str], if_version: int | None, timeout: float = 5.0,
+    force: bool = False, notes: list[str] | None = None,
 ) -> Level:
+    """Change one level. A device level needs a device that has connected
+    (`force`: one not provisioned yet); `notes` gets what the user should know."""
     changes = dict(parse_assignment(text) for text in assignments)  # refused here, before anything is stored
     nc, store = await _store(nats_url, timeout)
     try:
-        return await store.set(key, changes, if_version=if_version)
+        await check_level_target(nc, key, force, notes)
+        level = await store.set(key, changes, if_version=if_version)
+        if notes is not None and not await gateway_answers(nc):
+            notes.append("no fleet gateway is running: the boards get this once `fleet gateway` runs")
+        return level
     finally:
         await nc.close()
+
+
+async def check_level_target(nc: Any, key: str, force: bool, notes: list[str] | None) -> None:
+    """Refuse a device level for a device never seen (unless forced); note an empty group."""
+    kind, _, name = key.partition(".")
+    js = nc.jetstream()
+    if kind == "device" and not force:
+        try:
+            await known_device(js, name)
+        except UnknownDevice as error:
+            raise NotFound(f"{error}; --force sets it for a board not yet provisioned") from None
+    elif kind == "group" and notes is not None:
+        if not any(name in record.groups for record in await registry_records(js)):
+            notes.append(f"no known device is in group {name} yet: the setting waits for its members")
 
 
 async def history(nats_url: str, key: str, timeout: float = 5.0) -> list[Level]:
     nc, store = await _store(nats_url, timeout)
     try:
-        return await store.history(key)
+        levels = await store.history(key)
+        if not levels and key.startswith("device."):
+            await known_device(nc.jetstream(), key.partition(".")[2])  # an empty history, or no such device
+        return levels
     finally:
         await nc.close()
 
@@ -104,7 +130,11 @@ async def get_config(nats_url: str, device: str, timeout: float = 5.0) -> Config
     level_key(device=device)  # validates the id
     nc = await connect(nats_url, name="fleet-config", timeout=timeout)
     try:
-        return await config_view(nc, device, timeout)
+        view = await config_view(nc, device, timeout)
+        own_level = any(level.key == level_key(device=device) for level in view.desired.levels)
+        if not own_level and view.reported is None:
+            await known_device(nc.jetstream(timeout=timeout), device)  # set with --force, or no such device
+        return view
     finally:
         await nc.close()
 

@@ -43,6 +43,7 @@ from typing import Any
 
 from .compile import compile_firmware, mpy_cross_executable
 from .paths import BOARDS_DIR, BUILD_DIR, FIRMWARE_DIR
+from .errors import FleetError
 from .protocol import protocol
 from .provision import ProvisionError, check_settings
 from .romfs import RomfsError, pack_image
@@ -53,7 +54,7 @@ VIRTUAL = "sim"  # the board whose target is a virtual board: no reset, no watch
 Progress = Callable[[str], None]
 
 
-class FlashError(RuntimeError):
+class FlashError(FleetError, RuntimeError):
     """Flashing stopped; args[0] says why and what to do."""
 
 

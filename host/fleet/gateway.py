@@ -50,6 +50,7 @@ from .configcli import config_view
 from .inventory import read_registry
 from .jetstream import ensure_bucket, quietly
 from .natsconn import connect
+from .redact import redact_url
 from .query import check_fields, parse_filter, scatter
 from .protocol import (
     DEVICES_BUCKET,
@@ -263,7 +264,7 @@ class Gateway:
         except BaseException:
             await self.stop()
             raise
-        log.info("gateway %s serving %s on %s", self.service_id, SERVICE_NAME, self.config.nats_url)
+        log.info("gateway %s serving %s on %s", self.service_id, SERVICE_NAME, redact_url(self.config.nats_url))
 
     async def stop(self) -> None:
         """Stop serving, let the batches in hand finish and be acked, disconnect."""

@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import nats.errors
 from nats.aio.client import Client
@@ -17,6 +18,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
+from .errors import NotFound, Refused, Unavailable
 from .jetstream import bucket_keys
 from .natsconn import connect
 from .protocol import DEVICES_BUCKET, api_subject
@@ -25,11 +27,11 @@ from .wire import DeviceRecord
 log = logging.getLogger(__name__)
 
 
-class GatewayNotRunning(RuntimeError):
+class GatewayNotRunning(Unavailable):
     """Nobody serves the fleet API (or nobody answered in time)."""
 
 
-class ApiError(RuntimeError):
+class ApiError(Refused):
     """An error reply from the fleet API: code 400 (bad request), 404 (unknown), 500."""
 
     def __init__(self, code: int, description: str) -> None:
@@ -38,7 +40,7 @@ class ApiError(RuntimeError):
         self.description = description
 
 
-class DeviceNotFound(ApiError):
+class DeviceNotFound(ApiError, NotFound):
     pass
 
 
@@ -151,16 +153,90 @@ async def read_registry(registry: KeyValue) -> list[DeviceRecord]:
     return sorted(records, key=lambda record: record.id)
 
 
+class UnknownDevice(NotFound):
+    """A device id no board has ever connected with."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(
+            f"unknown device {device_id}: no board with this id has connected yet (`fleet devices` lists the known ones)"
+        )
+        self.device_id = device_id
+
+
+async def known_device(js: JetStreamContext, device_id: str) -> DeviceRecord:
+    """The registry's record of `device_id`, read directly; UnknownDevice when
+    no board with that id has ever connected (or no gateway ever ran)."""
+    from .protocol import is_valid_device_id
+
+    if not is_valid_device_id(device_id):
+        from .errors import UsageError
+
+        raise UsageError(f"invalid device id {device_id!r}: expected [A-Za-z0-9_-]{{1,32}}")
+    try:
+        registry = await js.key_value(DEVICES_BUCKET)
+        entry = await registry.get(device_id)
+    except (BucketNotFoundError, KeyNotFoundError):
+        raise UnknownDevice(device_id) from None
+    try:
+        return DeviceRecord.from_json(entry.value or b"")
+    except ValueError:
+        return DeviceRecord(id=device_id)
+
+
+async def gateway_answers(nc: Client, timeout: float = 1.0) -> bool:
+    """Whether any fleet gateway is serving (the micro service's PING)."""
+    try:
+        await nc.request("$SRV.PING.fleet", b"", timeout=timeout)
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        return False
+    return True
+
+
+async def fetch_health_over(nc: Client, timeout: float = 1.0) -> list[dict[str, Any]]:
+    """Every gateway's answer on fleet-api.health within `timeout`, over an open
+    connection; empty when none runs (or none of them has the endpoint yet)."""
+    import asyncio
+
+    answers: list[dict[str, Any]] = []
+    inbox = nc.new_inbox()
+    subscription = await nc.subscribe(inbox)
+    try:
+        await nc.publish(api_subject("health"), b"", reply=inbox)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                message = await subscription.next_msg(timeout=left)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                break
+            if message.headers and message.headers.get("Status") == "503":
+                break  # no responders
+            try:
+                answer = json.loads(message.data)
+            except ValueError:
+                continue
+            if isinstance(answer, dict):
+                answers.append(answer)
+                # Gateways answer together: once one has, the rest follow within moments.
+                deadline = min(deadline, asyncio.get_running_loop().time() + 0.25)
+    finally:
+        await subscription.unsubscribe()
+    return answers
+
+
 __all__ = [
     "ApiError",
     "DeviceNotFound",
     "DeviceRecord",
     "GatewayNotRunning",
     "TABLE_COLUMNS",
+    "UnknownDevice",
     "fetch_device",
     "fetch_devices",
     "format_age",
+    "fetch_health_over",
     "format_table",
+    "gateway_answers",
+    "known_device",
     "read_registry",
     "registry_records",
     "table_row",

@@ -14,10 +14,13 @@ from collections.abc import Awaitable, Callable
 import nats
 from nats.aio.client import Client
 
+from .errors import Unavailable
+from .redact import redact_url
+
 log = logging.getLogger(__name__)
 
 
-class NatsUnavailable(ConnectionError):
+class NatsUnavailable(Unavailable):
     """The NATS server cannot be reached (not running, wrong URL, refused)."""
 
 
@@ -37,13 +40,30 @@ async def connect(
     """
     last_error: list[Exception] = []
     connected = False
+    # While reconnecting, nats-py reports every failed attempt (two a second):
+    # the caller hears the first one after each loss, then the recovery.
+    reported_since_up = False
+    made: list[Client] = []
 
     async def remember_error(error: Exception) -> None:
+        nonlocal reported_since_up
         last_error[:] = [error]
         # Failed first attempts end in the one NatsUnavailable below; only
         # trouble after that is the caller's to hear about.
-        if connected and on_error is not None:
+        if connected and on_error is not None and not reported_since_up:
+            reported_since_up = True
             await on_error(error)
+
+    async def disconnected() -> None:
+        closing = bool(made) and made[0].is_closed  # our own close() also calls this
+        if connected and on_error is not None and reconnect_forever and not closing:
+            log.warning("NATS connection to %s lost; reconnecting", redact_url(url))
+
+    async def reconnected() -> None:
+        nonlocal reported_since_up
+        reported_since_up = False
+        if on_error is not None:
+            log.info("NATS connection to %s is back", redact_url(url))
 
     try:
         client = await asyncio.wait_for(
@@ -56,14 +76,17 @@ async def connect(
                 reconnect_time_wait=0.5,
                 allow_reconnect=True,
                 error_cb=remember_error,
+                disconnected_cb=disconnected,
+                reconnected_cb=reconnected,
             ),
             timeout,
         )
     except (OSError, asyncio.TimeoutError, nats.errors.Error) as error:
         cause = last_error[0] if last_error else error
         detail = str(cause) or type(cause).__name__
-        raise NatsUnavailable(f"cannot reach the NATS server at {url}: {detail}") from error
+        raise NatsUnavailable(f"cannot reach the NATS server at {redact_url(url)}: {detail}") from error
     connected = True
+    made.append(client)
     return client
 
 

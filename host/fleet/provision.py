@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
 from .protocol import is_valid_device_id, settings_schema
 from .schema import parse_value, problem
 
@@ -21,7 +22,7 @@ HIDDEN = "********"
 SECRET_ENV = {"wifi_password": "FLEET_WIFI_PASSWORD", "mqtt_password": "FLEET_MQTT_PASSWORD"}
 
 
-class ProvisionError(ValueError):
+class ProvisionError(UsageError):
     """Settings the board would refuse; args[0] names the field."""
 
 

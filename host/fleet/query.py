@@ -37,6 +37,7 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from .errors import UsageError
 from .inventory import registry_records
 from .protocol import nats_subject, protocol, topic_root
 
@@ -53,7 +54,7 @@ _COMPARE = ("==", "!=", "<", "<=", ">", ">=")
 MAX_LENGTH = 512
 
 
-class QueryError(ValueError):
+class QueryError(UsageError):
     """An invalid filter: the message names what was expected and shows where."""
 
     def __init__(self, text: str, position: int, message: str) -> None:

@@ -26,6 +26,8 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import FleetError
+
 USAGE = (
     "python -m fleet.romfs IMAGE [micropython args...]: run the unix-port VM over a ROM image\n"
     "       python -m fleet.romfs --partition FILE [micropython args...]: ... with FILE as its ROM partition"
@@ -54,7 +56,7 @@ def new_partition(path: Path, size: int) -> Path:
     return path
 
 
-class RomfsError(RuntimeError):
+class RomfsError(FleetError, RuntimeError):
     """The image could not be built or run; args[0] says why."""
 
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import FleetError
 from .paths import nats_server_executable
 
 _CLIENT_RE = re.compile(r"Listening for client connections on ([\d.]+|\[[^\]]+\]):(\d+)")
@@ -22,7 +23,7 @@ _MQTT_RE = re.compile(r"Listening for MQTT clients on mqtt://([^\s:]+|\[[^\]]+\]
 _READY = "Server is ready"
 
 
-class ServerError(RuntimeError):
+class ServerError(FleetError, RuntimeError):
     pass
 
 

@@ -17,11 +17,13 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 
 from .natsconn import connect
+from .errors import Unavailable
+from .redact import redact_url
 from .protocol import TELEMETRY_STREAM, device_from_subject, is_valid_device_id, nats_subject
 from .wire import MalformedPayload, TelemetryReading
 
 
-class StreamMissing(RuntimeError):
+class StreamMissing(Unavailable):
     """FLEET_TELEMETRY does not exist yet (no gateway has ever run on this server)."""
 
 
@@ -161,7 +163,7 @@ async def follow(
             start_seq = await _start_sequence(js, subject, last)
         except NotFoundError:
             raise StreamMissing(
-                f"no {TELEMETRY_STREAM} stream on {nats_url}: start `fleet gateway` once to create it"
+                f"no {TELEMETRY_STREAM} stream on {redact_url(nats_url)}: start `fleet gateway` once to create it"
             ) from None
         # From a sequence rather than "new": what is stored between the look
         # back and the subscription is delivered, not skipped.
@@ -197,7 +199,7 @@ async def stored(nats_url: str, device: str | None, *, timeout: float = 5.0) -> 
         try:
             info = await js.stream_info(TELEMETRY_STREAM)
         except NotFoundError:
-            raise StreamMissing(f"no {TELEMETRY_STREAM} stream on {nats_url}") from None
+            raise StreamMissing(f"no {TELEMETRY_STREAM} stream on {redact_url(nats_url)}") from None
         first = max(info.state.first_seq, 1)
         count = await _pending_from(js, subject, first)
         readings: list[Reading] = []
