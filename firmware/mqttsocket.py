@@ -101,6 +101,10 @@ class PacketSocket:
 
     def read(self, n):
         self.flush()
+        if not n:
+            # umqtt.simple reads an empty payload (a cleared retained
+            # message, `mosquitto_pub -n`) as read(0): nothing to wait for.
+            return b""
         if self.first is not None:
             first = self.first
             self.first = None
@@ -163,6 +167,10 @@ class PacketSocket:
             else:
                 left -= k
                 self.rx_ticks = ticks_ms()
+                # The bound is on silence, not on the whole payload: the
+                # broker's largest (1 MB) takes longer than socket_timeout_ms
+                # over a slow WiFi link, and must not cost the connection.
+                deadline = ticks_add(self.rx_ticks, self.timeout_ms)
         self.discarded = n
         return b""
 

@@ -48,3 +48,11 @@ def simulators(tmp_path: Path, server: NatsServer) -> Iterator[Callable[..., Sim
     finally:
         for simulator in made:
             simulator.stop_all()
+
+
+@pytest.fixture(autouse=True)
+def own_fleet_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads or writes the user's contexts, or follows their environment."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    for name in ("FLEET_NATS_URL", "FLEET_CONTEXT", "FLEET_MQTT"):
+        monkeypatch.delenv(name, raising=False)

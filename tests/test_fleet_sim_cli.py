@@ -89,3 +89,46 @@ def test_simulator_uses_the_vm_named_by_MICROPYTHON(tmp_path: Path, server: Nats
         sim.start_fleet(1)
         obs.wait_until(lambda: obs.device("sim-001").online is True, 15, "online")
     assert marker.read_text().strip() == "yes"
+
+
+def test_ctrl_c_in_a_terminal_stops_the_whole_sim_cleanly_and_the_context_finds_it(tmp_path: Path) -> None:
+    # A terminal's Ctrl-C goes to the whole foreground process group: the sim
+    # leads its own group here, and SIGINT goes to all of it.
+    data = tmp_path / "sim-data"
+    ports = [_free_port(), _free_port()]
+    process = subprocess.Popen(
+        _fleet("sim", "--devices", "1", "--data-dir", str(data), "--port", str(ports[0]), "--mqtt-port", str(ports[1])),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (data / "devices" / "sim-001" / "state.json").exists():
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+        # Another terminal, no flag, no environment variable: the sim's context.
+        found = subprocess.run(_fleet("devices", "--json"), capture_output=True, text=True, timeout=30,
+                               env={k: v for k, v in os.environ.items() if not k.startswith("FLEET_")})
+        assert found.returncode == 0, found.stderr
+        os.killpg(process.pid, signal.SIGINT)
+        out, _ = process.communicate(timeout=40)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, out
+    assert f"NATS nats://127.0.0.1:{ports[0]}  MQTT mqtt://127.0.0.1:{ports[1]}" in out
+    assert "in another terminal: " in out and " devices" in out
+    assert "Traceback" not in out and out.count("Connect call failed") <= 2, out
+    assert "stopped:" in out
+    assert _processes_under(data) == []
+    # The context stays; the error names the sim that wrote it and is gone.
+    gone = subprocess.run(_fleet("devices"), capture_output=True, text=True, timeout=30)
+    assert gone.returncode == 1 and "from context sim" in gone.stderr and "no longer running" in gone.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

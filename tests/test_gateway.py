@@ -196,8 +196,13 @@ def test_readings_over_mqtt_are_stored_and_the_registry_shows_the_device(server:
                 endpoints = {e["name"]: e["subject"] for e in info["endpoints"]}
                 assert endpoints == {
                     "devices": "fleet-api.devices", "device": "fleet-api.device", "query": "fleet-api.query",
-                    "config": "fleet-api.config", "commands": "fleet-api.commands",
+                    "config": "fleet-api.config", "commands": "fleet-api.commands", "health": "fleet-api.health",
+                    "commands-send": "fleet-api.commands.send", "config-set": "fleet-api.config.set",
+                    "config-history": "fleet-api.config.history", "config-rollback": "fleet-api.config.rollback",
                 }
+                # Every instance answers a health request, each in its own queue group.
+                health = json.loads((await nc.request("fleet-api.health", b"", timeout=5)).data)
+                assert health["instance"] == info["id"] and health["nats_url"] == server.url
             finally:
                 await nc.close()
 
@@ -419,7 +424,9 @@ def test_cli_devices_and_tail_print_what_was_published(server: NatsServer, capsy
             assert all(isinstance(d["last_seen"], float) for d in listed)
 
             assert await asyncio.to_thread(main, ["devices", "--nats", server.url]) == 0
-            header, row_a, row_b = capsys.readouterr().out.splitlines()
+            header, row_a, row_b, health = capsys.readouterr().out.splitlines()
+            # Under the table, what the gateway can reach: here it was given no MQTT listener.
+            assert health.startswith("gateway ") and "no MQTT listener given" in health
             assert header.split() == [
                 "DEVICE", "ONLINE", "BOARD", "FIRMWARE", "BOOTS", "LAST", "SEEN", "SEQ", "TEMP", "BACKLOG", "DROPPED"
             ]

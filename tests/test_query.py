@@ -124,16 +124,23 @@ def test_the_gateway_relays_each_matching_answer_to_a_plain_nats_request(fleet10
         try:
             inbox = nc.new_inbox()
             answers: list[dict[str, Any]] = []
+            end: list[dict[str, str]] = []
 
             async def collect(message: Any) -> None:
-                answers.append(json.loads(message.data))
+                if message.data:
+                    answers.append(json.loads(message.data))
+                else:  # the end marker, with the counts
+                    end.append(dict(message.headers or {}))
 
             subscription = await nc.subscribe(inbox, cb=collect)
             await nc.publish("fleet-api.query", b'{"where": "groups in [even]", "fields": ["id"], "timeout": 1.5}', reply=inbox)
             deadline = time.monotonic() + 10
-            while len(answers) < 5 and time.monotonic() < deadline:
+            while not end and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             await subscription.unsubscribe()
+            assert end and {k: v for k, v in end[0].items() if k.startswith("Fleet-")} == {
+                "Fleet-Matching": "5", "Fleet-Answered": "10", "Fleet-Online": "10", "Fleet-Silent": "", "Fleet-Errors": "0",
+            }
             bad = await nc.request("fleet-api.query", b"temp >", timeout=5)
             answers.append({"error": bad.headers.get("Nats-Service-Error") if bad.headers else None})
             return answers

@@ -1,7 +1,8 @@
 """`fleet`: operate the fleet. Thin: parse, call the library, print.
 
-Every command takes --nats URL (default: $FLEET_NATS_URL, else
-nats://127.0.0.1:4222); listing commands take --json for programs.
+Every command finds the server through --nats URL, $FLEET_NATS_URL,
+--context, $FLEET_CONTEXT or the selected context (context.py); listing
+commands take --json for programs.
 """
 from __future__ import annotations
 
@@ -12,21 +13,19 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import FleetError, Refused, TimedOut, Unavailable, UsageError
+from .natsconn import NatsUnavailable
 from .redact import redact_url
-
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-
-
-def default_nats_url() -> str:
-    return os.environ.get("FLEET_NATS_URL", DEFAULT_NATS_URL)
-
 
 def cmd_server(args: argparse.Namespace) -> int:
     from .server import NatsServer, wait_for_signal
 
+    from .context import record
+
     server = NatsServer(Path(args.data_dir), host=args.host, port=args.port, mqtt_port=args.mqtt_port)
     server.start()
+    record(server.data_dir, args.context_name, server.url, f"{server.host}:{server.mqtt_port}", "fleet server")
     print(f"nats-server ready: NATS {server.url}  MQTT mqtt://{server.host}:{server.mqtt_port}")
+    print(f"saved as context {args.context_name} (selected): other fleet commands find it by themselves")
     print(f"data and config in {server.data_dir} (log: {server.log_path}); Ctrl-C stops it")
     sys.stdout.flush()
     try:
@@ -63,13 +62,19 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from .gateway import Gateway, GatewayConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    mqtt_host, _, mqtt_port = args.mqtt.rpartition(":")
+    if not mqtt_port.isdigit() or not 0 < int(mqtt_port) < 65536:
+        raise UsageError(f"--mqtt {args.mqtt!r}: expected HOST:PORT with a port from 1 to 65535")
     config = GatewayConfig(
         nats_url=args.nats,
         telemetry_max_age=args.telemetry_max_age,
         telemetry_max_bytes=args.telemetry_max_bytes,
         presence_history=args.presence_history,
-        mqtt_host=args.mqtt.rpartition(":")[0] or "127.0.0.1",
-        mqtt_port=int(args.mqtt.rpartition(":")[2]),
+        mqtt_host=mqtt_host.strip("[]") or "127.0.0.1",
+        mqtt_port=int(mqtt_port),
+        # The password from the environment only: a command line is visible to every user (ps).
+        mqtt_username=args.mqtt_user,
+        mqtt_password=os.environ.get("FLEET_MQTT_PASSWORD") if args.mqtt_user else None,
     )
 
     async def serve() -> None:
@@ -138,17 +143,46 @@ def cmd_tail(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
+    import time
+
+    from .commands import parse_duration
     from .protocol import is_valid_device_id
-    from .tail import Reading, follow
+    from .tail import DEFAULT_LAST, CsvTable, Reading, tail
 
     if args.device is not None and not is_valid_device_id(args.device):
         raise UsageError(f"invalid device id {args.device!r}: expected [A-Za-z0-9_-]{{1,32}}")
+    if args.last is not None and args.last < 0:
+        raise UsageError(f"-n/--last must be 0 or more, got {args.last}")
+    if args.count is not None and args.count < 1:
+        raise UsageError(f"--count must be 1 or more, got {args.count}")
+    since = None
+    if args.since is not None:
+        if (ago := parse_duration(args.since)) < 0:
+            raise UsageError(f"--since must not be negative, got {args.since!r}")
+        since = time.time() - ago
+    # --count bounds a follow, as before -f existed; given alone it counts new readings.
+    following = args.follow or args.count is not None
+    if args.last is not None:
+        last: int | None = args.last
+    elif since is not None:
+        last = None  # everything since then
+    else:
+        last = 0 if args.count is not None and not args.follow else DEFAULT_LAST
+
+    table = CsvTable(sys.stdout, following) if args.csv else None
 
     def show(reading: Reading) -> None:
-        # Flushed per line: the output is often piped into another program.
-        print(json.dumps(reading.to_json()) if args.json else reading.format_line(), flush=True)
+        if table is not None:
+            table.add(reading)
+        else:
+            # Flushed per line: the output is often piped into another program.
+            print(json.dumps(reading.to_json()) if args.json else reading.format_line(), flush=True)
 
-    asyncio.run(follow(args.nats, args.device, last=args.last, limit=args.count, on_reading=show))
+    shown = asyncio.run(tail(args.nats, args.device, last=last, since=since, follow=following, limit=args.count,
+                             on_reading=show, on_caught_up=table.caught_up if table is not None else None))
+    if shown == 0 and not following and last != 0:
+        window = f" in the last {args.since}" if args.since is not None else ""
+        print(f"fleet tail: no readings stored for {args.device or 'any device'}{window}", file=sys.stderr)
     return 0
 
 
@@ -158,8 +192,42 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from .simsession import SimOptions, run_simulation
 
     options = SimOptions(devices=args.devices, data_dir=Path(args.data_dir), mqtt=args.mqtt, duration=args.duration,
+                         port=args.port, mqtt_port=args.mqtt_port, context_name=args.context_name,
                          telemetry_interval_ms=int(args.interval * 1000), nicknames=args.nicknames)
     return asyncio.run(run_simulation(options))
+
+
+def cmd_context(args: argparse.Namespace) -> int:
+    import json
+
+    from . import context as contexts
+
+    selected = contexts.selected_name()
+    if args.action == "list":
+        found = contexts.all_contexts()
+        for context in found:
+            print(contexts.describe(context, context.name == selected))
+        if not found:
+            print("no contexts yet: `fleet sim` or `fleet server` saves one, or `fleet context add NAME --nats URL`")
+        return 0
+    if args.action == "add":
+        if not args.name or not args.nats_given:
+            raise UsageError("add needs a name and --nats URL, e.g. fleet context add lab --nats nats://10.0.0.5:4222")
+        contexts.save(contexts.Context(name=args.name, nats_url=args.nats_given, mqtt=args.mqtt))
+        print(f"context {args.name} saved (`fleet context use {args.name}` selects it)")
+        return 0
+    name = args.name or (selected if args.action == "show" else None)
+    if not name:
+        raise UsageError(f"{args.action} needs a context name (`fleet context` lists them)")
+    if args.action == "show":
+        print(json.dumps(contexts.load(name).to_json(), indent=2))
+    elif args.action == "use":
+        contexts.select(name)
+        print(f"using context {name}")
+    else:
+        contexts.remove(name)
+        print(f"context {name} removed")
+    return 0
 
 
 def _check_one_target(args: argparse.Namespace) -> None:
@@ -311,12 +379,16 @@ def cmd_nickname(args: argparse.Namespace) -> int:
     from .nickname import NicknameService, ask, push
     from .protocol import is_valid_device_id
 
+    if args.serve == bool(args.device or args.push) or (args.device and args.push):
+        raise UsageError("give one of DEVICE, --push DEVICE or --serve")
+    device = args.device or args.push
+    if device is not None and not is_valid_device_id(device):
+        raise UsageError(f"invalid device id {device!r}: expected [A-Za-z0-9_-]{{1,32}}")
+
     async def run() -> int:
         nc = await connect(args.nats, name="fleet-nickname")
         try:
             if args.push:
-                if not is_valid_device_id(args.push):
-                    raise UsageError(f"invalid device id {args.push!r}")
                 answer = await push(nc, args.push)
                 print(f"{args.push}: {answer['nickname']} (from {answer['instance']})")
             elif args.serve:
@@ -329,7 +401,7 @@ def cmd_nickname(args: argparse.Namespace) -> int:
                 await stop.wait()
                 await service.stop()
             else:
-                print(json.dumps(await ask(nc)))
+                print(json.dumps(await ask(nc, device)))
         except (TimeoutError, nats.errors.NoRespondersError):
             raise Unavailable("no nickname instance answered: start one with `fleet nickname --serve`") from None
         finally:
@@ -393,8 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--nats", default=default_nats_url(), metavar="URL",
-                       help="NATS server URL (default: $FLEET_NATS_URL or %(default)s)")
+        p.add_argument("--nats", metavar="URL",
+                       help="NATS server URL (default: $FLEET_NATS_URL, else the context's, else nats://127.0.0.1:4222)")
+        p.add_argument("--context", metavar="NAME|PATH",
+                       help="use this context (a name, a context.json or a data folder); default: $FLEET_CONTEXT or the selected one")
         return p
 
     p = command("server", "run nats-server with JetStream and the MQTT listener")
@@ -402,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback)")
     p.add_argument("--port", type=int, default=4222, help="NATS client port (-1: any free port)")
     p.add_argument("--mqtt-port", type=int, default=1883, help="MQTT port (-1: any free port)")
+    p.add_argument("--context-name", default="server", metavar="NAME", help="save where it listens as this context (default: %(default)s)")
     p.set_defaults(func=cmd_server)
 
     p = command("gateway", "bridge the boards' MQTT topics to JetStream and serve the fleet API")
@@ -411,8 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on stored telemetry, oldest dropped first (default: 1 GiB)")
     p.add_argument("--presence-history", type=int, default=16, metavar="N",
                    help="status messages kept per device (default: %(default)s)")
-    p.add_argument("--mqtt", default="127.0.0.1:1883", metavar="HOST:PORT",
+    p.add_argument("--mqtt", metavar="HOST:PORT",
                    help="the server's MQTT listener, for retained configuration (default: %(default)s)")
+    p.add_argument("--mqtt-user", metavar="NAME",
+                   help="user name for the MQTT listener; the password is read from $FLEET_MQTT_PASSWORD")
     p.set_defaults(func=cmd_gateway)
 
     p = command("devices", "list the devices with presence and last-seen time")
@@ -420,11 +497,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the gateway (default: %(default)s)")
     p.set_defaults(func=cmd_devices)
 
-    p = command("tail", "print telemetry as it arrives (from the JetStream stream)")
+    p = command("tail", "print the latest stored telemetry, like tail(1); -f follows new readings")
     p.add_argument("device", nargs="?", help="only this device")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--last", type=int, default=0, metavar="N", help="start with the N latest stored readings")
-    p.add_argument("--count", type=int, metavar="N", help="stop after N readings")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="one JSON object per line")
+    shape.add_argument("--csv", action="store_true",
+                       help="CSV with a header: device, seq, time, the fields (new ones, when following, in `extra`)")
+    p.add_argument("-n", "--last", type=int, metavar="N",
+                   help="the N latest stored readings (default: 10; with --since, all since then)")
+    p.add_argument("-f", "--follow", action="store_true", help="then keep printing new readings as they are stored")
+    p.add_argument("--since", metavar="DURATION", help="only readings stored in the last DURATION (30s, 10m, 2h, 1d)")
+    p.add_argument("--count", type=int, metavar="N",
+                   help="stop after N readings, waiting for new ones if need be (alone: the next N new readings)")
     p.set_defaults(func=cmd_tail)
 
     p = command("config", "desired configuration: set, get, history, rollback")
@@ -433,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     def config_action(name: str, help: str, device_only: bool = False) -> argparse.ArgumentParser:
         a = actions.add_parser(name, help=help, description=help)
         a.add_argument("--nats", default=argparse.SUPPRESS, metavar="URL", help="NATS server URL")
+        a.add_argument("--context", default=argparse.SUPPRESS, metavar="NAME|PATH", help="use this context")
         a.add_argument("--json", action="store_true", help="print JSON")
         if device_only:
             a.add_argument("device", help="device id")
@@ -459,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     def cmd_action(name: str, help: str) -> argparse.ArgumentParser:
         a = actions.add_parser(name, help=help, description=help)
         a.add_argument("--nats", default=argparse.SUPPRESS, metavar="URL", help="NATS server URL")
+        a.add_argument("--context", default=argparse.SUPPRESS, metavar="NAME|PATH", help="use this context")
         a.add_argument("--json", action="store_true", help="print JSON")
         a.set_defaults(func=cmd_cmd)
         return a
@@ -483,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_display)
 
     p = command("nickname", "the load-balanced nickname service: ask it, serve it, or push a name to a board")
-    p.add_argument("--push", metavar="DEVICE", help="ask for a name and show it on DEVICE's display")
+    p.add_argument("device", nargs="?", help="print this board's name (the same one every time it asks)")
+    p.add_argument("--push", metavar="DEVICE", help="ask for DEVICE's name and show it on its display")
     p.add_argument("--serve", action="store_true", help="run one instance of the service")
     p.add_argument("--instance", help="this instance's name (default: nickname-PID)")
     p.set_defaults(func=cmd_nickname)
@@ -502,7 +589,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between readings (default: %(default)s)")
     p.add_argument("--nicknames", type=int, default=0, metavar="N", help="also run N nickname service instances")
+    p.add_argument("--port", type=int, default=-1, help="NATS client port (default: a free one)")
+    p.add_argument("--mqtt-port", type=int, default=-1, help="MQTT port (default: a free one)")
+    p.add_argument("--context-name", default="sim", metavar="NAME", help="save where it listens as this context (default: %(default)s)")
     p.set_defaults(func=cmd_sim)
+
+    p = command("context", "where the fleet's server is: list, show, use, add, rm (fleet server and fleet sim save one)")
+    p.add_argument("action", nargs="?", default="list", choices=("list", "show", "use", "add", "rm"))
+    p.add_argument("name", nargs="?", help="the context's name")
+    p.add_argument("--mqtt", metavar="HOST:PORT", help="add: the MQTT listener")
+    p.set_defaults(func=cmd_context)
 
     from .flashcli import add_commands as add_flash_commands
 
@@ -513,6 +609,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from .context import apply_context, describe_source
+
+        args.nats_given = getattr(args, "nats", None)
+        apply_context(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
@@ -520,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         reported = _one_sentence(error)
         if reported is None:
             raise
-        print(f"fleet {args.command}: {str(reported) or type(reported).__name__}", file=sys.stderr)
+        where = describe_source(args) if isinstance(reported, NatsUnavailable) else ""
+        print(f"fleet {args.command}: {str(reported) or type(reported).__name__}{where}", file=sys.stderr)
         return reported.exit_code
 
 

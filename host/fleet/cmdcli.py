@@ -16,7 +16,7 @@ from .natsconn import connect
 from .protocol import is_valid_device_id
 
 
-async def _targets(js: Any, device: str | None, group: str | None, everyone: bool, force: bool = False) -> list[str]:
+async def command_targets(js: Any, device: str | None, group: str | None, everyone: bool, force: bool = False) -> list[str]:
     if device is not None:
         if not is_valid_device_id(device):
             raise CommandError(f"invalid device id {device!r}: expected [A-Za-z0-9_-]{{1,32}}")
@@ -48,7 +48,7 @@ async def send(
     nc = await connect(nats_url, name="fleet-cmd", timeout=timeout)
     try:
         js = nc.jetstream(timeout=timeout)
-        targets = await _targets(js, device, group, everyone, force)
+        targets = await command_targets(js, device, group, everyone, force)
         store = CommandStore(await commands_bucket(js))
         records = [await store.create(target, name, args, ttl) for target in targets]
         gateway_up = await gateway_answers(nc)

@@ -25,8 +25,9 @@ import asyncio
 import json
 import logging
 import random
+import time
 from typing import Any
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -42,11 +43,12 @@ from nats.micro import add_service
 from nats.micro.request import Request, ServiceError
 from nats.micro.service import Service
 
-from . import __version__
+from . import __version__, writeapi
 from .commands import CommandRelay, results_stream_config
 from .configpush import ConfigPublisher, reports_stream_config
 from .forwarding import BatchSplitter, DeviceRound, SplitterConfig
 from .configcli import config_view
+from .errors import FleetError
 from .inventory import read_registry
 from .jetstream import ensure_bucket, quietly
 from .natsconn import connect
@@ -99,6 +101,9 @@ class GatewayConfig:
     # The MQTT listener, to publish retained configuration; None: not published.
     mqtt_host: str | None = None
     mqtt_port: int | None = None
+    mqtt_username: str | None = None
+    mqtt_password: str | None = field(default=None, repr=False)
+    mqtt_warn_every: float = 30.0  # seconds between warnings while the listener cannot be reached
 
 
 @dataclass
@@ -202,6 +207,7 @@ class Gateway:
         # What the splitter's rounds did, per device, not yet in the registry.
         self._forwarded: dict[str, list[DeviceEvent]] = {}
         self._forwarded_ready = asyncio.Event()
+        self._started_at: float | None = None
 
     @property
     def service_id(self) -> str | None:
@@ -237,7 +243,11 @@ class Gateway:
             await self._ensure_stream(reports_stream_config())
             await self._ensure_stream(results_stream_config())
             if self.config.mqtt_host and self.config.mqtt_port:
-                self.config_publisher = ConfigPublisher(self._js, self.config.mqtt_host, self.config.mqtt_port)
+                self.config_publisher = ConfigPublisher(
+                    self._js, self.config.mqtt_host, self.config.mqtt_port,
+                    username=self.config.mqtt_username, password=self.config.mqtt_password,
+                    warn_every=self.config.mqtt_warn_every,
+                )
                 await self.config_publisher.start()
                 assert self.config_publisher.client is not None
                 self.command_relay = CommandRelay(self._js, self.config_publisher.client)
@@ -261,6 +271,14 @@ class Gateway:
             await self._service.add_endpoint(name="query", subject=api_subject("query"), handler=self._handle_query)
             await self._service.add_endpoint(name="config", subject=api_subject("config"), handler=self._handle_config)
             await self._service.add_endpoint(name="commands", subject=api_subject("commands"), handler=self._handle_commands)
+            for name, handler in (("commands-send", self._handle_commands_send), ("config-set", self._handle_config_set),
+                                  ("config-history", self._handle_config_history),
+                                  ("config-rollback", self._handle_config_rollback)):
+                await self._service.add_endpoint(name=name, subject=api_subject(name.replace("-", ".")), handler=handler)
+            # Its own queue group: every instance answers, so a client sees each gateway's health.
+            await self._service.add_endpoint(name="health", subject=api_subject("health"), handler=self._handle_health,
+                                             queue_group=f"health-{self._service.id}")
+            self._started_at = time.time()
         except BaseException:
             await self.stop()
             raise
@@ -607,6 +625,50 @@ class Gateway:
             raise ServiceError("404", f"unknown command {text!r}") from None
         await request.respond(record.to_bytes())
 
+    def health(self) -> dict[str, Any]:
+        """What this instance can reach: fleet-api.health's answer."""
+        publisher = self.config_publisher
+        mqtt = None if publisher is None else {
+            "address": getattr(publisher, "mqtt_address", f"{self.config.mqtt_host}:{self.config.mqtt_port}"),
+            "connected": bool(getattr(publisher, "mqtt_connected", False)),
+            "error": getattr(publisher, "mqtt_error", None),
+            "since": getattr(publisher, "mqtt_since", None),
+        }
+        return {
+            "instance": self.service_id,
+            "version": __version__,
+            "nats_url": redact_url(self.config.nats_url),
+            "started": self._started_at,
+            "mqtt": mqtt,
+        }
+
+    async def _write(self, request: Request, action: Any) -> Any:
+        # A writing request: the CLI's checks, their one-sentence errors as micro error replies.
+        assert self._nc is not None
+        try:
+            return await action(self._nc, writeapi.parse_body(request.data))
+        except FleetError as error:
+            raise ServiceError(writeapi.status_of(error), str(error)) from None
+
+    async def _handle_commands_send(self, request: Request) -> None:
+        records = await self._write(request, writeapi.send_command)
+        await request.respond(_json_list([record.to_bytes() for record in records]))
+
+    async def _handle_config_set(self, request: Request) -> None:
+        level = await self._write(request, writeapi.set_config)
+        await request.respond(json.dumps(level.to_json()).encode())
+
+    async def _handle_config_history(self, request: Request) -> None:
+        levels = await self._write(request, writeapi.config_history)
+        await request.respond(json.dumps([level.to_json() for level in levels]).encode())
+
+    async def _handle_config_rollback(self, request: Request) -> None:
+        level = await self._write(request, writeapi.rollback_config)
+        await request.respond(json.dumps(level.to_json()).encode())
+
+    async def _handle_health(self, request: Request) -> None:
+        await request.respond(json.dumps(self.health()).encode())
+
     async def _handle_device(self, request: Request) -> None:
         assert self._kv is not None
         device_id = request.data.decode("utf-8", errors="replace").strip()
@@ -629,7 +691,18 @@ async def _relay_query(gateway: "Gateway", request: Request, where: Any, fields:
         await request.respond(json.dumps(found).encode())
 
     try:
-        await scatter(gateway._nc, where, fields, timeout, on_match=relay)
+        outcome = await scatter(gateway._nc, where, fields, timeout, on_match=relay)
+        for device, error in sorted(outcome.errors.items()):
+            await request.respond(json.dumps({"id": device, "error": error}).encode())
+        # The end: an empty payload (nats.js requestMany's "sentinel", `nats req
+        # --wait-for-empty`) whose headers carry the counts and the silent boards.
+        await request.respond(b"", headers={
+            "Fleet-Matching": str(len(outcome.matches)),
+            "Fleet-Answered": str(len(outcome.answered)),
+            "Fleet-Online": str(len(outcome.online)),
+            "Fleet-Silent": ",".join(outcome.missing),
+            "Fleet-Errors": str(len(outcome.errors)),
+        })
     except Exception as error:  # the requester has its answers so far; say why it ended
         log.warning("query relay ended early: %s", error)
 

@@ -81,6 +81,9 @@ mqtt {{
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            # Its own session: a terminal's Ctrl-C goes to the whole foreground
+            # group, and the server must outlive the clients that stop first.
+            start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + timeout

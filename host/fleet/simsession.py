@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from nats.aio.client import Client
 
@@ -34,6 +34,18 @@ class SimOptions:
     refresh: float = 1.0
     telemetry_interval_ms: int = 2000
     nicknames: int = 0  # instances of the nickname service to run (not with mqtt)
+    port: int = -1  # NATS client port; -1: a free one
+    mqtt_port: int = -1
+    context_name: str = "sim"
+
+
+def fleet_command() -> str:
+    """How this user runs `fleet`, to print commands that paste as they are."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "fleet" and argv0.exists():
+        return str(argv0.resolve())
+    installed = Path(sys.executable).with_name("fleet")
+    return str(installed) if installed.exists() else f"{sys.executable} -m fleet"
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -76,6 +88,7 @@ async def run_simulation(options: SimOptions, out: TextIO = sys.stdout) -> int:
     gateway: Gateway | None = None
     nicknames: list[NicknameService] = []
     nickname_nc: Client | None = None
+    header: list[str] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -84,7 +97,7 @@ async def run_simulation(options: SimOptions, out: TextIO = sys.stdout) -> int:
         if options.mqtt:
             host, port = parse_host_port(options.mqtt)
         else:
-            server = NatsServer(data_dir / "server")
+            server = NatsServer(data_dir / "server", port=options.port, mqtt_port=options.mqtt_port)
             server.start()
             host, port = server.host, server.mqtt_port
             gateway = Gateway(GatewayConfig(nats_url=server.url, mqtt_host=server.host, mqtt_port=server.mqtt_port))
@@ -95,16 +108,23 @@ async def run_simulation(options: SimOptions, out: TextIO = sys.stdout) -> int:
                     service = NicknameService(nickname_nc, f"sim-nickname-{index + 1}")
                     await service.start()
                     nicknames.append(service)
-                print(f"{options.nicknames} nickname instances: try `fleet nickname --push sim-001`", file=out)
-            print(f"nats-server: NATS {server.url}  MQTT mqtt://{host}:{port}", file=out)
-            print(f"try: FLEET_NATS_URL={server.url} fleet devices", file=out)
+            from .context import record
+
+            record(data_dir, options.context_name, server.url, f"{host}:{port}", "fleet sim")
+            fleet = fleet_command()
+            header.append(f"nats-server: NATS {server.url}  MQTT mqtt://{host}:{port}  (context {options.context_name}, selected)")
+            header.append(f"in another terminal: {fleet} devices")
+            if options.nicknames:
+                header.append(f"{options.nicknames} nickname instances: {fleet} nickname --push sim-001")
+            for line in header:
+                print(line, file=out)
         sim = Simulator(data_dir, host, port, settings_defaults={"telemetry_interval_ms": options.telemetry_interval_ms})
         observer = FleetObserver(host, port, client_id=f"fleet-sim-{os.getpid()}")
         observer.start()
         try:
             sim.start_fleet(options.devices)
             print(f"started {options.devices} simulated boards; flash folders in {data_dir / 'devices'}", file=out)
-            await _show(sim, observer, options, stop, out)
+            await _show(sim, observer, options, stop, out, header)
             online = sum(1 for d in sim.devices if observer.device(d).online)
         finally:
             sim.stop_all()
@@ -112,19 +132,29 @@ async def run_simulation(options: SimOptions, out: TextIO = sys.stdout) -> int:
         print(f"stopped: {online}/{len(sim.devices)} boards were online at the end", file=out)
         return 0
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        # Boards are down by now; the rest stops in order, each step bounded,
+        # and a step that fails does not keep the next from running.
         for service in nicknames:
-            await service.stop()
+            await _bounded(service.stop(), "a nickname instance")
         if nickname_nc is not None:
-            await nickname_nc.close()
+            await _bounded(nickname_nc.close(), "the nickname connection")
         if gateway:
-            await gateway.stop()
+            await _bounded(gateway.stop(), "the gateway", 20)
         if server:
             server.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
-async def _show(sim: Simulator, observer: FleetObserver, options: SimOptions, stop: asyncio.Event, out: TextIO) -> None:
+async def _bounded(step: Any, what: str, timeout: float = 5) -> None:
+    try:
+        await asyncio.wait_for(step, timeout)
+    except Exception as error:  # shutting down: say it and go on
+        print(f"fleet sim: stopping {what}: {str(error) or type(error).__name__}", file=sys.stderr)
+
+
+async def _show(sim: Simulator, observer: FleetObserver, options: SimOptions, stop: asyncio.Event, out: TextIO,
+                header: list[str]) -> None:
     started = time.monotonic()
     live = out.isatty()
     last_print = 0.0
@@ -136,7 +166,9 @@ async def _show(sim: Simulator, observer: FleetObserver, options: SimOptions, st
         if live or elapsed - last_print >= 5:
             table = render_table(sim, observer)
             prefix = "\x1b[H\x1b[2J" if live else ""
-            print(f"{prefix}fleet sim: {elapsed:.0f}s\n{table}\n", file=out, flush=True)
+            # The addresses stay above the table, where a redrawn screen keeps them.
+            top = "".join(line + "\n" for line in header) if live else ""
+            print(f"{prefix}{top}fleet sim: {elapsed:.0f}s\n{table}\n", file=out, flush=True)
             last_print = elapsed
         try:
             await asyncio.wait_for(stop.wait(), options.refresh)

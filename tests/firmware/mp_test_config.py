@@ -70,6 +70,18 @@ def test_malformed_messages_are_rejected_with_a_reason():
     assert board.config.version == 0
 
 
+def test_a_cleared_retained_copy_is_no_configuration_and_the_one_in_force_stays():
+    lines = []
+    board = Board()
+    board.config.log = lines.append
+    board.push(4, {"led": True})
+    count, reports = len(board.applied), len(board.reports)
+    board.config.receive(b"")
+    assert board.config.version == 4 and board.applied[-1] == {"led": True} and len(board.applied) == count
+    assert len(board.reports) == reports  # not reported as malformed
+    assert lines[-1] == "config: none pushed (retained copy cleared); version 4 stays in force", lines
+
+
 def test_a_corrupt_config_file_falls_back_to_defaults():
     with open("config.json", "w") as f:
         f.write('{"version": 3, "config": {"led": "on"}}')

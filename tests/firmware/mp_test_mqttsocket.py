@@ -64,6 +64,92 @@ def test_oversize_payload_is_discarded_and_the_next_packet_still_parses():
     assert got[1][:2] == (b"a/c", b"ok"), got
 
 
+def test_an_empty_payload_is_delivered_and_the_next_packet_still_parses():
+    # mosquitto_pub -n, or -r -n clearing a retained message: umqtt.simple
+    # then reads the payload as read(0).
+    got = []
+    sock = packet_socket(publish_packet(b"a/b", b"") + publish_packet(b"a/c", b"ok"))
+    client = client_over(sock)
+    client.set_callback(lambda t, m: got.append((t, m)))
+    client.wait_msg()
+    client.wait_msg()
+    assert got == [(b"a/b", b""), (b"a/c", b"ok")], got
+
+
+def test_an_empty_qos1_payload_is_acknowledged_in_one_write():
+    got = []
+    sock = packet_socket(publish_packet(b"cmd", b"", qos=1, pid=9))
+    client = client_over(sock)
+    client.set_callback(lambda t, m: got.append(m))
+    client.wait_msg()
+    sock.flush()
+    assert got == [b""] and sock.sock.writes == [b"\x40\x02\x00\x09"], (got, sock.sock.writes)
+
+
+def test_a_zero_length_read_returns_at_once_without_touching_a_live_socket():
+    from mqttsocket import PacketSocket
+
+    listener, port = _listen_on_free_port()
+    sock = PacketSocket(300, 4096, (6, 1))
+    sock.connect(socket.getaddrinfo("127.0.0.1", port)[0][-1])
+    peer, _ = listener.accept()
+    peer.write(publish_packet(b"t", b"v"))
+    started = ticks_ms()
+    assert sock.read(0) == b""
+    assert ticks_diff(ticks_ms(), started) < 100
+    assert sock.read(1) == b"\x30"  # the stream is still in step
+    sock.close()
+    peer.close()
+    listener.close()
+
+
+class _SlowPoller:
+    # Stands in for select.poll: each wait takes `step_ms` (or what is
+    # left of the caller's deadline, if less), then says "readable".
+    def __init__(self, step_ms):
+        self.step_ms = step_ms
+        self.waits = []
+
+    def modify(self, sock, event):
+        pass
+
+    def poll(self, timeout_ms):
+        from time import sleep_ms
+
+        self.waits.append(timeout_ms)
+        sleep_ms(min(timeout_ms, self.step_ms))
+        return [(None, 1)]
+
+
+class _TrickleSocket(ScriptedSocket):
+    # A peer that sends a chunk, then makes the reader wait, then the next.
+    def __init__(self, incoming, chunk):
+        super().__init__(incoming)
+        self.chunk = chunk
+        self.ready = False
+
+    def readinto(self, buf, n):
+        if not self.ready:
+            self.ready = True
+            return None
+        self.ready = False
+        return super().readinto(buf, min(n, self.chunk))
+
+
+def test_an_oversize_payload_that_trickles_in_is_discarded_while_data_keeps_coming():
+    # The bound is on silence: a 1 MB payload over slow WiFi takes longer
+    # than socket_timeout_ms in all, and must not cost the connection.
+    got = []
+    sock = packet_socket(max_read=100, timeout_ms=200)
+    sock.sock = _TrickleSocket(publish_packet(b"a/b", b"x" * 1000), 250)
+    sock.poller = _SlowPoller(120)
+    client = client_over(sock)
+    client.set_callback(lambda t, m: got.append((t, m, sock.discarded)))
+    client.wait_msg()
+    assert got == [(b"a/b", b"", 1000)], got
+    assert len(sock.poller.waits) >= 4 and min(sock.poller.waits) > 120, sock.poller.waits
+
+
 def test_qos1_incoming_message_is_acknowledged_in_one_write():
     sock = packet_socket(publish_packet(b"cmd", b"go", qos=1, pid=7))
     client = client_over(sock)
