@@ -119,6 +119,8 @@ def test_ctrl_c_in_a_terminal_stops_the_whole_sim_cleanly_and_the_context_finds_
     assert f"NATS nats://127.0.0.1:{ports[0]}  MQTT mqtt://127.0.0.1:{ports[1]}" in out
     assert "in another terminal: " in out and " devices" in out
     assert "Traceback" not in out and out.count("Connect call failed") <= 2, out
+    # The server stops last: nothing lost its connection to it while stopping.
+    assert "lost; reconnecting" not in out and "nats-server exited" not in out, out
     assert "stopped:" in out
     assert _processes_under(data) == []
     # The context stays; the error names the sim that wrote it and is gone.
