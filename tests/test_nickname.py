@@ -7,10 +7,10 @@ from pathlib import Path
 
 import nats
 import pytest
-from support import GatewayThread, wait_for
+from support import GatewayThread, wait_for, wait_registered
 
 from fleet.cli import main
-from fleet.nickname import NICKNAMES, NicknameService, ask
+from fleet.nickname import NICKNAMES, NicknameService, NoNicknameLeft, ask
 from fleet.server import NatsServer
 from fleet.simulator import Simulator
 
@@ -22,7 +22,7 @@ def test_requests_are_shared_between_instances(server: NatsServer) -> None:
         try:
             for instance in instances:
                 await instance.start()
-            answers = [await ask(nc) for _ in range(40)]
+            answers = [await ask(nc, f"dev-{i % 8}") for i in range(40)]
             return {a["instance"] for a in answers}, [i.served for i in instances], answers
         finally:
             for instance in instances:
@@ -41,6 +41,7 @@ def test_push_shows_the_nickname_on_the_board(
     try:
         sim.start(sim.add("sim-001").device_id)
         sim.wait_for_log("sim-001", "link: up")
+        wait_registered(server.url, "sim-001")
 
         async def serve_and_push() -> int:
             nc = await nats.connect(server.url)
@@ -62,6 +63,41 @@ def test_push_shows_the_nickname_on_the_board(
         sim.stop_all()
 
 
+def test_names_are_unique_across_instances_and_a_board_keeps_its_own(server: NatsServer) -> None:
+    async def scenario() -> tuple[list[dict[str, str]], list[dict[str, str]], str]:
+        nc = await nats.connect(server.url)
+        instances = [NicknameService(nc, f"instance-{i}") for i in range(2)]
+        try:
+            for instance in instances:
+                await instance.start()
+            devices = [f"dev-{i}" for i in range(len(NICKNAMES))]
+            # All at once, load-balanced over both instances: every claim races.
+            first = await asyncio.gather(*(ask(nc, device) for device in devices))
+            again = await asyncio.gather(*(ask(nc, device) for device in devices))
+            try:
+                await ask(nc, "one-too-many")
+                left = "answered"
+            except NoNicknameLeft as error:
+                left = str(error)
+            return list(first), list(again), left
+        finally:
+            for instance in instances:
+                await instance.stop()
+            await nc.close()
+
+    first, again, left = asyncio.run(scenario())
+    names = [a["nickname"] for a in first]
+    assert sorted(names) == sorted(NICKNAMES)  # every name once: none given to two boards
+    assert {a["instance"] for a in first} == {"instance-0", "instance-1"}
+    assert [a["nickname"] for a in again] == names
+    assert "no nickname left for one-too-many" in left
+
+
+def test_push_to_an_unknown_device_is_refused(server: NatsServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["nickname", "--push", "sim-999", "--nats", server.url]) == 1
+    assert "unknown device sim-999" in capsys.readouterr().err
+
+
 def test_no_instance_is_a_clear_error(server: NatsServer, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["nickname", "--nats", server.url]) == 1
+    assert main(["nickname", "sim-001", "--nats", server.url]) == 1
     assert "no nickname instance answered" in capsys.readouterr().err

@@ -376,6 +376,7 @@ def cmd_nickname(args: argparse.Namespace) -> int:
     import nats.errors
 
     from .natsconn import connect
+    from .inventory import known_device
     from .nickname import NicknameService, ask, push
     from .protocol import is_valid_device_id
 
@@ -389,6 +390,7 @@ def cmd_nickname(args: argparse.Namespace) -> int:
         nc = await connect(args.nats, name="fleet-nickname")
         try:
             if args.push:
+                await known_device(nc.jetstream(), args.push)  # a name shown on no board helps nobody
                 answer = await push(nc, args.push)
                 print(f"{args.push}: {answer['nickname']} (from {answer['instance']})")
             elif args.serve:
