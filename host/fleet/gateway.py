@@ -14,8 +14,9 @@ readings), so nothing is lost while no gateway runs. The gateway:
   writes each device's newest reading into its record as it goes: the
   registry never reads the readings back, which at tens of thousands a
   second would cost more than storing them;
-- serves the registry as the NATS micro service `fleet` (fleet-api.devices,
-  fleet-api.device).
+- serves the NATS micro service `fleet`: the registry, queries, configuration
+  and commands, reading and writing (writeapi.py), and its own health; the
+  endpoints are listed in docs/PROTOCOL.md.
 
 All state lives in NATS (streams, consumers, KV), none in the process.
 """
