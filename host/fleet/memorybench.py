@@ -92,7 +92,8 @@ async def _workload(nats_url: str, device: str, soak: Soak, sim: Simulator, dead
             if tick % 10 == 0:
                 interval = 200 if tick % 20 else 250
                 await set_config(nats_url, f"device.{device}", [f"telemetry_interval_ms={interval}", f"display=cfg {tick}",
-                                                                f"led={'true' if tick % 20 else 'false'}"], None)
+                                                                f"led={'true' if tick % 20 else 'false'}"], None,
+                                 force=True)  # the board may not have connected yet: the soak judges that
                 soak.configs += 1
             if tick % 4 == 0:
                 name, args = commands[(tick // 4) % len(commands)]
