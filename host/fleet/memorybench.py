@@ -97,7 +97,7 @@ async def _workload(nats_url: str, device: str, soak: Soak, sim: Simulator, dead
                 soak.configs += 1
             if tick % 4 == 0:
                 name, args = commands[(tick // 4) % len(commands)]
-                records = await send(nats_url, name, args, device=device, wait=15)
+                records = await send(nats_url, name, args, device=device, wait=15, force=True)
                 if records[0].state != "succeeded" and sim.devices[device].running:
                     # A command sent while the link is cut waits for it: only a failure counts.
                     if records[0].state in ("failed", "rejected"):
