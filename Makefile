@@ -60,6 +60,7 @@ flash: setup
 
 bench: setup
 	$(BIN)/python -m fleet.bench
+	$(BIN)/python -m bench.heap32
 
 clean:
 	rm -rf build $(VENV)
