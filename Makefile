@@ -59,7 +59,7 @@ flash: setup
 	$(BIN)/fleet flash --board $(BOARD) --port $(PORT) $(if $(SETTINGS),--settings $(SETTINGS)) $(if $(ROMFS),--romfs)
 
 bench: setup
-	$(BIN)/python -m fleet.bench
+	$(BIN)/python -m bench
 	$(BIN)/python -m bench.heap32
 
 clean:

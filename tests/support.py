@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from fleet.background import BackgroundGateway
+from bench.background import BackgroundGateway
 from fleet.simulator import Simulator
 from fleet.tail import Reading, stored
 

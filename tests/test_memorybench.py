@@ -1,7 +1,7 @@
 """The memory benchmark's bisection: the smallest passing heap, in steps."""
 from __future__ import annotations
 
-from fleet.memorybench import first_trouble, smallest
+from bench.memorybench import first_trouble, smallest
 
 
 def test_smallest_finds_the_first_passing_size_in_steps() -> None:

@@ -1,4 +1,4 @@
-"""`make bench`: measurements printed side by side from one run.
+"""`make bench` (`python -m bench`): measurements printed side by side from one run.
 
 Machines here are shared and noisy, so every figure is printed next to its
 baseline measured in the same run, and the ratio is what to read.
@@ -18,15 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .background import BackgroundGateway
-from .forwarding import DeviceRound, publish_chain
-from .natsconn import connect
-from .paths import BENCH_DIR, micropython_executable, micropython_path
-from .protocol import TELEMETRY_STREAM
-from .query import online_devices, scatter
-from .server import NatsServer
-from .simulator import Simulator
-from .tail import stored
+from bench.background import BackgroundGateway
+from fleet.forwarding import DeviceRound, publish_chain
+from fleet.natsconn import connect
+from fleet.paths import BENCH_DIR, micropython_executable, micropython_path
+from fleet.protocol import TELEMETRY_STREAM
+from fleet.query import online_devices, scatter
+from fleet.server import NatsServer
+from fleet.simulator import Simulator
+from fleet.tail import stored
 
 
 
@@ -376,7 +376,7 @@ def _percentile(values: list[float], fraction: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fleet.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("throughput", "memory"), help="run one part (default: both)")
     parser.add_argument("--soak", type=float, default=600, metavar="SECONDS",
                         help="the long run that confirms the smallest heap (default: %(default)s)")

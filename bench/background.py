@@ -8,9 +8,9 @@ from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from .forwarding import SplitterConfig
-from .gateway import Gateway, GatewayConfig
-from .wire import ForwardingState
+from fleet.forwarding import SplitterConfig
+from fleet.gateway import Gateway, GatewayConfig
+from fleet.wire import ForwardingState
 
 T = TypeVar("T")
 

@@ -23,16 +23,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .background import BackgroundGateway
-from .cmdcli import send
-from .configcli import get_config, set_config
-from .natsconn import connect
-from .compile import compile_libraries
-from .paths import BENCH_DIR, BUILD_DIR, micropython_executable
-from .query import scatter
-from .server import NatsServer
-from .simulator import Simulator
-from .tail import stored
+from bench.background import BackgroundGateway
+from fleet.cmdcli import send
+from fleet.configcli import get_config, set_config
+from fleet.natsconn import connect
+from fleet.compile import compile_libraries
+from fleet.paths import BENCH_DIR, BUILD_DIR, micropython_executable
+from fleet.query import scatter
+from fleet.server import NatsServer
+from fleet.simulator import Simulator
+from fleet.tail import stored
 
 # Signs in a board's log that the heap was too small for it.
 TROUBLE = ("MemoryError", "out of memory", "restarting in", "firmware error")
