@@ -39,6 +39,17 @@ def _name(number):
     return "%08d.seg" % number
 
 
+# A batch's token (next_batch, for ack): (position after it on flash, or
+# None for readings from RAM; its count; where they end in RAM; flushes).
+def token_position(token):
+    # Where the batch after this one starts; None: it is from RAM.
+    return token[0]
+
+
+def token_count(token):
+    return token[1]
+
+
 def area_size(batch_bytes):
     # A read area for batches of batch_bytes: room for the headers of
     # records of 48 bytes and more, and never less than one whole record.
@@ -255,8 +266,12 @@ class BacklogLog:
         area[: at - first] = self._pending_view[first:at]
         return count, at - first, (None, count, at, self.flushes)
 
-    def ack(self, token):
-        position, count, ram_end = token[:3]
+    def ack(self, token, count=None):
+        # The broker has the batch of `token`; with `count`, and the batches
+        # from flash before it not yet acknowledged: `count` records in all.
+        position, ram_end = token[0], token[2]
+        if count is None:
+            count = token[1]
         if position is not None:
             self.commit(position, count)
         elif token[3] != self.flushes:

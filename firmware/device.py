@@ -449,6 +449,8 @@ class Device:
         # reset. Long enough for the slowest bounded step, a connect of
         # several socket operations (the profile caps it where the port must).
         dog = profile.watchdog(max(8000, 6 * self.settings["socket_timeout_ms"]))
+        if dog is not None:
+            self.link.feed = dog.feed  # fed between the connect's steps too
         woke = ticks_ms()
         while True:
             if dog is not None:

@@ -7,6 +7,7 @@
 # sends none, and nats-server drops a client that is silent for
 # 1.5 x keepalive), and reconnection with capped exponential backoff and
 # jitter so a fleet does not reconnect in lockstep after a broker restart.
+# The bytes it frames itself are mqttframe's.
 import asyncio
 import errno
 import random
@@ -15,12 +16,12 @@ from micropython import const
 from time import ticks_add, ticks_diff, ticks_ms
 
 from umqtt import simple
+from mqttframe import HEADER_ROOM, PUBACK, PUBLISH, next_pid, put_publish_header
 from mqttsocket import SocketFactory
 
-# What send() needs in front of a payload besides the topic: the fixed
-# header (a byte and up to four of remaining length), the topic's length
-# and the packet id.
-HEADER_ROOM = const(9)
+# One deadline for the whole connect (address, TCP, CONNACK, every SUBACK,
+# the birth's PUBACK): under the watchdog's 8 s (the Pico W's caps at 8.3 s).
+CONNECT_MS = const(6000)
 # Errors that mean "this connection is unusable": socket errors, a refused
 # or malformed CONNACK (umqtt.simple asserts on it), a short read.
 LINK_ERRORS = (OSError, simple.MQTTException, AssertionError, IndexError, ValueError)
@@ -29,8 +30,8 @@ LINK_ERRORS = (OSError, simple.MQTTException, AssertionError, IndexError, ValueE
 def _readable(raw):
     # Resumes once the socket `raw` has bytes, or is closed (its read then
     # fails): what asyncio's StreamReader.read waits on before it reads,
-    # without the stream module, whose import costs 1.8 KB of heap for
-    # good (measured). core._io_queue is looked up at each wait, as the
+    # without the stream module, whose import costs heap for good.
+    # core._io_queue is looked up at each wait, as the
     # stream does: asyncio.new_event_loop() replaces it.
     yield core._io_queue.queue_read(raw)
 
@@ -87,6 +88,8 @@ class Link:
         self.pubacked = 0
         self.ping_sent = None  # keepalive()'s: when the unanswered ping went, if one did
         self.last_ping = 0
+        self.connect_ms = CONNECT_MS
+        self.feed = None  # the watchdog's feed, called between the connect's steps
 
     def subscribe(self, topic, qos=0):
         self.subscriptions.append((topic, qos))
@@ -100,8 +103,8 @@ class Link:
             return False
         client = self.client
         try:
-            if qos and client.pid >= 65535:
-                client.pid = 0  # umqtt.simple never wraps its packet id
+            if qos:
+                next_pid(client)
             client.publish(topic, payload, retain, qos)
             self.sock.flush()
             if qos:
@@ -123,9 +126,8 @@ class Link:
         # A QoS 1 publish of packet[start:end] that does not wait for its
         # PUBACK, as umqtt.simple's does: forwarding a backlog one round
         # trip per batch left a board idle half the time. The payload is
-        # sent where it lies, in one write: the packet's header goes in
-        # front of it, in packet[:start], which must have room for it
-        # (HEADER_ROOM and the topic). Returns the packet's number on this
+        # sent where it lies, in one write, its header in front of it
+        # (mqttframe.put_publish_header). Returns the packet's number on this
         # connection (compare with `pubacked`), or 0 when the link is down.
         if start < HEADER_ROOM + len(topic):
             raise ValueError("no room for the packet's header")
@@ -133,27 +135,9 @@ class Link:
             return 0
         client = self.client
         try:
-            if client.pid >= 65535:
-                client.pid = 0  # umqtt.simple never wraps its packet id
+            next_pid(client)
             client.pid += 1
-            # Backwards from the payload: packet id, topic, its length,
-            # then the remaining length, whose size depends on its value.
-            at = start - 2
-            packet[at] = client.pid >> 8
-            packet[at + 1] = client.pid & 0xFF
-            at -= len(topic)
-            packet[at:at + len(topic)] = topic
-            at -= 2
-            packet[at] = len(topic) >> 8
-            packet[at + 1] = len(topic) & 0xFF
-            size = end - at
-            length = 1
-            while size >> (7 * length):
-                length += 1
-            at -= length + 1
-            packet[at] = 0x32  # PUBLISH, QoS 1
-            for i in range(length):
-                packet[at + 1 + i] = (size >> (7 * i)) & 0x7F | (0x80 if i < length - 1 else 0)
+            at = put_publish_header(packet, start, end, topic, client.pid)
             self.sock.send(memoryview(packet)[at:end])
         except LINK_ERRORS as e:
             self._drop(e)
@@ -197,6 +181,27 @@ class Link:
         board.wifi_joined()
 
     def _connect(self):
+        # Blocks the loop, every step bounded by one deadline (connect_ms)
+        # and the watchdog fed between them (see SocketFactory).
+        sockets = self.sockets
+        until = sockets.until = ticks_add(ticks_ms(), self.connect_ms)
+        sockets.feed = self.feed
+        try:
+            self._handshake()
+        except OSError as e:
+            if e.args and e.args[0] == errno.ETIMEDOUT and ticks_diff(until, ticks_ms()) <= 0:
+                raise OSError("no answer from the broker within the connect's %d ms" % self.connect_ms)
+            raise
+        finally:
+            sockets.until = sockets.feed = None
+            if self.sock is not None:
+                self.sock.until = self.sock.feed = None
+        self.connects += 1
+        self.up.set()
+        s = self.settings
+        self.log("link: up (%s:%d)" % (s["mqtt_host"], s["mqtt_port"]))
+
+    def _handshake(self):
         s = self.settings
         client = simple.MQTTClient(
             self.id, s["mqtt_host"], s["mqtt_port"], s["mqtt_user"], s["mqtt_password"], s["keepalive_s"]
@@ -221,21 +226,19 @@ class Link:
         self.connected = True
         # Subscribe before announcing: "online" means ready to receive.
         for topic, qos in self.subscriptions:
+            if self.feed is not None:
+                self.feed()
             client.subscribe(topic, qos)
         if self.birth:
             birth = self.birth() if callable(self.birth) else self.birth
             client.publish(self.status_topic, birth, True, 1)
         self.sock.flush()
-        self.connects += 1
-        self.up.set()
-        self.log("link: up (%s:%d)" % (s["mqtt_host"], s["mqtt_port"]))
 
     async def _serve(self):
         # Wait for the broker without blocking the loop; read each packet
         # through umqtt.simple once its first byte is here. No timeout on
-        # the wait: pings are keepalive()'s, on the device's clock. A wait
-        # with one (asyncio.wait_for_ms) cost a task and closures for every
-        # packet read, 0.9 KB of heap while it lasted (measured).
+        # the wait: pings are keepalive()'s, on the device's clock (a wait
+        # with one, asyncio.wait_for_ms, costs a task and closures per read).
         sock = self.sock
         raw = sock.sock  # non-blocking
         while self.connected:
@@ -254,9 +257,9 @@ class Link:
                 raise OSError("connection closed by the broker")
             sock.first = first
             op = self.client.wait_msg()
-            if op and op & 0xF0 != 0x30:
+            if op and op & 0xF0 != PUBLISH:
                 sock.skip_packet()
-                if op == 0x40:
+                if op == PUBACK:
                     self.pubacked += 1  # one of send()'s (publish() reads its own)
 
     def keepalive(self):

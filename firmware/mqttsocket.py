@@ -9,20 +9,26 @@
 # - every read and write is bounded by a deadline (the real socket is
 #   non-blocking and waited on with poll), so a black-holed link raises
 #   OSError instead of hanging the board;
-# - payloads larger than max_read are drained and discarded, not allocated.
+# - payloads larger than max_read are drained and discarded, not allocated;
+# - while the link connects, every step also ends by one deadline for the
+#   whole sequence (`until`), and the watchdog is fed before each (`feed`).
 import errno
 import select
 import socket
 from time import ticks_add, ticks_diff, ticks_ms
+
+from mqttframe import read_length
 
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 
 
 class PacketSocket:
-    def __init__(self, timeout_ms, max_read, nodelay=None, out=None):
+    def __init__(self, timeout_ms, max_read, nodelay=None, out=None, until=None, feed=None):
         self.sock = socket.socket()
         self.timeout_ms = timeout_ms
+        self.until = until  # ticks_ms() by which the connect sequence is over, or None
+        self.feed = feed  # the watchdog's feed, or None
         self.max_read = max_read
         self.nodelay = nodelay  # (level, option) from the board profile, or None
         self.poller = select.poll()
@@ -40,7 +46,12 @@ class PacketSocket:
     # Called by umqtt.simple.connect(), which builds the socket through us.
     def connect(self, addr):
         s = self.sock
-        s.settimeout(self.timeout_ms / 1000)  # bounds the TCP handshake
+        left = ticks_diff(self._deadline(), ticks_ms())
+        if left <= 0:
+            raise OSError(errno.ETIMEDOUT)
+        if self.feed is not None:
+            self.feed()
+        s.settimeout(left / 1000)  # bounds the TCP handshake
         if self.nodelay:
             try:
                 s.setsockopt(self.nodelay[0], self.nodelay[1], 1)
@@ -91,7 +102,7 @@ class PacketSocket:
 
     def _send(self, view):
         sent = 0
-        deadline = ticks_add(ticks_ms(), self.timeout_ms)
+        deadline = self._deadline()
         while sent < len(view):
             k = self.sock.write(view[sent:])
             if k is None:  # send buffer full
@@ -117,7 +128,7 @@ class PacketSocket:
             return data
         if n > self.max_read:
             return self._discard(n)
-        deadline = ticks_add(ticks_ms(), self.timeout_ms)
+        deadline = self._deadline()
         buf = None
         while True:
             data = self.sock.read(n if buf is None else n - len(buf))
@@ -142,14 +153,7 @@ class PacketSocket:
         # umqtt.simple returns the type of a packet it does not handle
         # (SUBACK, a stale PUBACK) without reading its body; drop the body so
         # the stream stays in step.
-        n = 0
-        shift = 0
-        while True:
-            b = self.read(1)[0]
-            n |= (b & 0x7F) << shift
-            if not b & 0x80:
-                break
-            shift += 7
+        n = read_length(self)
         if n:
             self._discard(n)
             self.discarded = 0
@@ -157,7 +161,7 @@ class PacketSocket:
     def _discard(self, n):
         scratch = bytearray(min(n, 256))
         left = n
-        deadline = ticks_add(ticks_ms(), self.timeout_ms)
+        deadline = self._deadline()
         while left:
             k = self.sock.readinto(scratch, min(left, len(scratch)))
             if k is None:
@@ -170,11 +174,21 @@ class PacketSocket:
                 # The bound is on silence, not on the whole payload: the
                 # broker's largest (1 MB) takes longer than socket_timeout_ms
                 # over a slow WiFi link, and must not cost the connection.
-                deadline = ticks_add(self.rx_ticks, self.timeout_ms)
+                deadline = self._deadline()
         self.discarded = n
         return b""
 
+    def _deadline(self):
+        # socket_timeout_ms from now, or the connect's deadline when sooner.
+        deadline = ticks_add(ticks_ms(), self.timeout_ms)
+        until = self.until
+        if until is not None and ticks_diff(until, deadline) < 0:
+            return until
+        return deadline
+
     def _wait(self, event, deadline):
+        if self.feed is not None:
+            self.feed()
         left = ticks_diff(deadline, ticks_ms())
         if left <= 0:
             raise OSError(errno.ETIMEDOUT)
@@ -205,10 +219,21 @@ class SocketFactory:
         self.nodelay = nodelay
         self.out = out  # one socket at a time: they share it
         self.last = None
+        self.until = None  # the connect's deadline, for the socket it makes (see Link._connect)
+        self.feed = None
 
     def socket(self):
-        self.last = PacketSocket(self.timeout_ms, self.max_read, self.nodelay, self.out)
+        self.last = PacketSocket(self.timeout_ms, self.max_read, self.nodelay, self.out, self.until, self.feed)
         return self.last
 
     def getaddrinfo(self, host, port):
-        return socket.getaddrinfo(host, port)
+        # MicroPython's getaddrinfo takes no timeout. A literal address is
+        # parsed without asking DNS; a name's lookup is bounded only by the
+        # IP stack's own DNS retries, so the watchdog is fed just before it
+        # and the deadline checked just after.
+        if self.feed is not None:
+            self.feed()
+        found = socket.getaddrinfo(host, port)
+        if self.until is not None and ticks_diff(self.until, ticks_ms()) <= 0:
+            raise OSError(errno.ETIMEDOUT)
+        return found
