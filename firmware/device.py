@@ -232,6 +232,19 @@ class Device:
             "dropped": self.backlog.dropped,
             "display": self.display_text,
             "online": self.link.connected,
+            "counters": self.counters(),
+        }
+
+    def counters(self):
+        # Every count the firmware keeps, reported in `info` and the birth.
+        return {
+            "inbox_dropped": self.inbox.dropped,  # messages lost to a full inbox
+            "rejected": self.rejected,  # readings record() refused
+            "errors": self.errors,  # failures the tasks survived
+            "forwarded": self.forwarded,  # readings acknowledged by the broker this boot
+            "corrupt": self.backlog.corrupt,  # log records skipped at boot
+            "connects": self.link.connects,
+            "save_error": self.state.save_error,
         }
 
     def answer(self, payload):
@@ -296,6 +309,7 @@ class Device:
             status["dropped"] = self.backlog.dropped
             status["groups"] = self.settings["groups"]
             status["config"] = self.config_version
+            status["counters"] = self.counters()
         return json.dumps(status).encode()
 
     def _birth(self):

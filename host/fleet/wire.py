@@ -38,6 +38,7 @@ _PRESENCE_FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "reset": (str, type(None)),
     "groups": (list, type(None)),
     "config": (int, type(None)),
+    "counters": (dict, type(None)),
 }
 
 

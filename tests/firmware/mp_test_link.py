@@ -85,3 +85,51 @@ def test_a_payload_without_room_for_the_header_is_refused_before_anything_is_sen
     link = link_over(sock)
     assert_raises(ValueError, send, link, b"x", 10)
     assert sock.sock.writes == [] and link.connected
+
+
+def test_a_broker_that_never_answers_the_connect_is_given_up_by_the_one_deadline():
+    # A listener that takes the TCP connection (the backlog does) and never
+    # sends CONNACK: the connect ends by connect_ms, not by the longer
+    # per-step socket timeout, and the watchdog was fed on the way.
+    import socket
+    import time
+    from link import Link
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # The unix port's sockets have no getsockname: bind the first free port
+    # of a random run of candidates.
+    import random
+    port = None
+    for _ in range(50):
+        candidate = 20000 + random.getrandbits(14)
+        try:
+            listener.bind(socket.getaddrinfo("127.0.0.1", candidate)[0][-1])
+        except OSError:
+            continue
+        port = candidate
+        break
+    assert port, "no free port for the silent listener"
+    listener.listen(1)
+    settings = {"keepalive_s": 60, "socket_timeout_ms": 5000, "max_payload": 4096, "mqtt_host": "127.0.0.1",
+                "mqtt_port": port, "mqtt_user": None, "mqtt_password": None}
+    link = Link("dev-1", settings, None, None, b"fleet/dev-1/status", None, print)
+    link.connect_ms = 400
+    fed = []
+    link.feed = lambda: fed.append(1)
+    link.subscribe(b"fleet/dev-1/cmd", 1)
+    start = time.ticks_ms()
+    try:
+        link._connect()
+    except OSError as e:
+        elapsed = time.ticks_diff(time.ticks_ms(), start)
+        assert "within the connect's 400 ms" in str(e), e
+        assert elapsed < 2000, elapsed
+        assert fed, "the watchdog was not fed during the connect"
+        assert not link.connected
+    else:
+        raise AssertionError("connected to a broker that never answered")
+    finally:
+        listener.close()
+        if link.sock is not None:
+            link.sock.close()
