@@ -11,28 +11,8 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from .commands import CommandError, CommandRecord, CommandStore, commands_bucket
 from .errors import NotFound
-from .inventory import UnknownDevice, format_age, gateway_answers, known_device, registry_records
+from .inventory import command_targets, format_age, gateway_answers, known_device, registry_records
 from .natsconn import connect
-from .protocol import is_valid_device_id
-
-
-async def command_targets(js: Any, device: str | None, group: str | None, everyone: bool, force: bool = False) -> list[str]:
-    if device is not None:
-        if not is_valid_device_id(device):
-            raise CommandError(f"invalid device id {device!r}: expected [A-Za-z0-9_-]{{1,32}}")
-        if not force:
-            try:
-                await known_device(js, device)
-            except UnknownDevice as error:
-                raise NotFound(f"{error}; --force queues the command for a board not yet provisioned") from None
-        return [device]
-    chosen = [
-        record.id for record in await registry_records(js)
-        if everyone or (group is not None and group in record.groups)
-    ]
-    if not chosen:
-        raise NotFound(f"no known device is in group {group}" if group else "no devices known yet (`fleet devices` lists them)")
-    return sorted(chosen)
 
 
 async def send(

@@ -23,13 +23,14 @@ from datetime import datetime
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from .jetstream import ensure_bucket, key_history
 from .errors import UsageError
-from .protocol import CONFIG_BUCKET, is_valid_device_id, protocol
+from .protocol import CONFIG_BUCKET, CONFIG_REPORTS_STREAM, DEVICES_BUCKET, is_valid_device_id, nats_subject, protocol
 from .schema import parse_value, problem
+from .wire import DeviceRecord
 
 CONFIG_HISTORY = 64
 
@@ -227,6 +228,8 @@ def _message_time(stamp: Any) -> float | None:
 
 
 __all__ = [
+    "ConfigView",
+    "config_view",
     "CONFIG_HISTORY",
     "ConfigError",
     "ConfigStore",
@@ -242,3 +245,75 @@ __all__ = [
     "merge",
     "parse_assignment",
 ]
+
+
+@dataclass(frozen=True)
+class ConfigView:
+    """`fleet config get`: what is desired, what the board reported, in sync or not."""
+
+    device: str
+    groups: list[str]
+    desired: Effective
+    reported: dict[str, Any] | None
+
+    @property
+    def in_sync(self) -> bool:
+        reported = self.reported or {}
+        if self.desired.version == 0:
+            return not reported or reported.get("applied") in (0, None)
+        return reported.get("applied") == self.desired.version and reported.get("status") == "applied"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "groups": self.groups,
+            "desired": {
+                "version": self.desired.version,
+                "config": self.desired.values,
+                "levels": [level.to_json() for level in self.desired.levels],
+            },
+            "reported": self.reported,
+            "in_sync": self.in_sync,
+        }
+
+    def format(self) -> str:
+        lines = [f"device {self.device}" + (f" (groups: {', '.join(self.groups)})" if self.groups else "")]
+        sources = ", ".join(f"{describe_level(level.key)} v{level.version}" for level in self.desired.levels)
+        lines.append(f"desired   version {self.desired.version}: {json.dumps(self.desired.values, sort_keys=True)}")
+        if sources:
+            lines.append(f"          from {sources}")
+        reported = self.reported
+        if reported is None:
+            lines.append("reported  nothing yet")
+        elif reported.get("status") == "rejected":
+            lines.append(
+                f"reported  version {reported.get('version')} REJECTED: {reported.get('error')}"
+                f" (in force: version {reported.get('applied')})"
+            )
+        else:
+            note = f" ({reported['error']})" if reported.get("error") else ""
+            lines.append(f"reported  version {reported.get('applied')} applied{note}")
+        lines.append(f"in sync   {'yes' if self.in_sync else 'no'}")
+        return "\n".join(lines)
+
+
+async def config_view(nc: Any, device: str, timeout: float = 5.0) -> ConfigView:
+    """Desired, reported and in sync for one device, over an open connection."""
+    level_key(device=device)  # validates the id
+    js = nc.jetstream(timeout=timeout)
+    store = ConfigStore(await config_bucket(js))
+    groups: list[str] = []
+    try:
+        devices = await js.key_value(DEVICES_BUCKET)
+        groups = DeviceRecord.from_json((await devices.get(device)).value or b"").groups
+    except (KeyNotFoundError, NotFoundError, ValueError):
+        pass  # never seen: no groups known
+    desired = await store.effective(device, groups)
+    reported = None
+    try:
+        message = await js.get_last_msg(CONFIG_REPORTS_STREAM, nats_subject(device, "config/reported"))
+        value = json.loads(message.data or b"null")
+        reported = value if isinstance(value, dict) else None
+    except (NotFoundError, ValueError):
+        pass
+    return ConfigView(device, groups, desired, reported)

@@ -34,7 +34,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .compile import compile_firmware, mpy_cross_executable
-from .paths import BOARDS_DIR, BUILD_DIR, FIRMWARE_DIR
+from .paths import BOARDS_DIR, BUILD_DIR, FIRMWARE_DIR, mpremote_executable
 from .errors import FleetError
 from .protocol import protocol
 from .provision import ProvisionError, check_settings
@@ -56,10 +55,6 @@ Progress = Callable[[str], None]
 
 class FlashError(FleetError, RuntimeError):
     """Flashing stopped; args[0] says why and what to do."""
-
-
-def mpremote_executable() -> str:
-    return str(Path(sys.executable).with_name("mpremote"))
 
 
 def parse_version(text: str) -> tuple[int, ...]:

@@ -48,7 +48,7 @@ from . import __version__, writeapi
 from .commands import CommandRelay, results_stream_config
 from .configpush import ConfigPublisher, reports_stream_config
 from .forwarding import BatchSplitter, DeviceRound, SplitterConfig
-from .configcli import config_view
+from .config import config_view
 from .errors import FleetError
 from .inventory import read_registry
 from .jetstream import ensure_bucket, quietly

@@ -18,10 +18,11 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
+from .commands import CommandError
 from .errors import NotFound, Refused, Unavailable
 from .jetstream import bucket_keys
 from .natsconn import connect
-from .protocol import DEVICES_BUCKET, api_subject
+from .protocol import DEVICES_BUCKET, api_subject, is_valid_device_id
 from .wire import DeviceRecord
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,6 @@ class UnknownDevice(NotFound):
 async def known_device(js: JetStreamContext, device_id: str) -> DeviceRecord:
     """The registry's record of `device_id`, read directly; UnknownDevice when
     no board with that id has ever connected (or no gateway ever ran)."""
-    from .protocol import is_valid_device_id
 
     if not is_valid_device_id(device_id):
         from .errors import UsageError
@@ -223,7 +223,42 @@ async def fetch_health_over(nc: Client, timeout: float = 1.0) -> list[dict[str, 
     return answers
 
 
+async def command_targets(js: Any, device: str | None, group: str | None, everyone: bool, force: bool = False) -> list[str]:
+    if device is not None:
+        if not is_valid_device_id(device):
+            raise CommandError(f"invalid device id {device!r}: expected [A-Za-z0-9_-]{{1,32}}")
+        if not force:
+            try:
+                await known_device(js, device)
+            except UnknownDevice as error:
+                raise NotFound(f"{error}; --force queues the command for a board not yet provisioned") from None
+        return [device]
+    chosen = [
+        record.id for record in await registry_records(js)
+        if everyone or (group is not None and group in record.groups)
+    ]
+    if not chosen:
+        raise NotFound(f"no known device is in group {group}" if group else "no devices known yet (`fleet devices` lists them)")
+    return sorted(chosen)
+
+
+async def check_level_target(nc: Any, key: str, force: bool, notes: list[str] | None) -> None:
+    """Refuse a device level for a device never seen (unless forced); note an empty group."""
+    kind, _, name = key.partition(".")
+    js = nc.jetstream()
+    if kind == "device" and not force:
+        try:
+            await known_device(js, name)
+        except UnknownDevice as error:
+            raise NotFound(f"{error}; --force sets it for a board not yet provisioned") from None
+    elif kind == "group" and notes is not None:
+        if not any(name in record.groups for record in await registry_records(js)):
+            notes.append(f"no known device is in group {name} yet: the setting waits for its members")
+
+
 __all__ = [
+    "check_level_target",
+    "command_targets",
     "ApiError",
     "DeviceNotFound",
     "DeviceRecord",

@@ -39,6 +39,11 @@ def micropython_executable() -> str:
     return found
 
 
+def mpremote_executable() -> str:
+    """mpremote, installed beside the running interpreter (package mpremote)."""
+    return str(Path(sys.executable).with_name("mpremote"))
+
+
 def nats_server_executable() -> str:
     explicit = os.environ.get("NATS_SERVER")
     if explicit:

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from .errors import FleetError
+from .paths import mpremote_executable
 
 USAGE = (
     "python -m fleet.romfs IMAGE [micropython args...]: run the unix-port VM over a ROM image\n"
@@ -75,8 +76,6 @@ def build_image(board: str, stage: Path, image: Path) -> Path:
 def pack_image(folder: Path, image: Path) -> Path:
     """`folder` packed into the ROM image `image` by `mpremote romfs build`."""
     import subprocess
-
-    from .flash import mpremote_executable
 
     result = subprocess.run(
         [mpremote_executable(), "romfs", "--no-mpy", "--output", str(image), "build", str(folder)],

@@ -12,11 +12,10 @@ from typing import Any
 
 from nats.aio.client import Client
 
-from .cmdcli import command_targets
 from .commands import CommandRecord, CommandStore, commands_bucket, parse_duration
 from .config import ConfigStore, Level, VersionConflict, check_value, config_bucket, level_key
-from .configcli import check_level_target
 from .errors import FleetError, NotFound, Refused, Unavailable, UsageError
+from .inventory import check_level_target, command_targets
 
 
 def parse_body(data: bytes) -> dict[str, Any]:
