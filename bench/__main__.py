@@ -407,7 +407,7 @@ def memory(probe_s: float, soak_s: float, heap_kb: int | None = None, romfs: boo
 
     source = "in place from a ROM image" if romfs else "from .mpy"
     print(f"Heap: the smallest -X heapsize (unix port, 64-bit) that runs the whole firmware {source},")
-    print("every feature busy (see fleet/memorybench.py), beside a bare umqtt.simple loop in the same run")
+    print("every feature busy (see bench/memorybench.py), beside a bare umqtt.simple loop in the same run")
     with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "server") as server:
         figures = measure(server, Path(tmp), probe_s, soak_s, lambda line: print(line, flush=True), heap_kb, romfs)
     soak = figures.confirmed
