@@ -375,7 +375,7 @@ def test_batches_take_at_most_a_32nd_of_the_heap():
     assert device.batch_bytes == batch_bytes_for(4096, heap)
 
 
-def test_every_count_the_firmware_keeps_is_reported_in_info_and_the_birth():
+def test_every_count_the_firmware_keeps_is_reported_in_info():
     device = _device()
     for _ in range(9):  # one more than the inbox holds
         device.inbox.put((b"fleet/heap-1/display", b"x", 0))
@@ -385,4 +385,3 @@ def test_every_count_the_firmware_keeps_is_reported_in_info_and_the_birth():
     expected = {"inbox_dropped": 1, "rejected": 2, "errors": 3, "forwarded": 0, "corrupt": 0, "connects": 0,
                 "save_error": "state.json not saved (ENOSPC)"}
     assert device.info()["counters"] == expected, device.info()["counters"]
-    assert json.loads(device._birth())["counters"] == expected
