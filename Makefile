@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP) build/micropython-lib/.installed.json build/stubs/.installed.json build/ticks_offset.so
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml firmware/protocol.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)

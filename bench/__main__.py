@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.background import BackgroundGateway
-from fleet.forwarding import DeviceRound, publish_chain
-from fleet.natsconn import connect
+from fleet.gateway.forwarding import DeviceRound, publish_chain
+from fleet.broker.connection import connect
 from fleet.paths import BENCH_DIR, micropython_executable, micropython_path
 from fleet.protocol import TELEMETRY_STREAM
-from fleet.query import online_devices, scatter
-from fleet.server import NatsServer
-from fleet.simulator import Simulator
-from fleet.tail import stored
+from fleet.state.query import online_devices, scatter
+from fleet.broker.server import NatsServer
+from fleet.sim.simulator import Simulator
+from fleet.client.tail import stored
 
 
 

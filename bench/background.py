@@ -8,8 +8,8 @@ from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from fleet.forwarding import SplitterConfig
-from fleet.gateway import Gateway, GatewayConfig
+from fleet.gateway.forwarding import SplitterConfig
+from fleet.gateway.service import Gateway, GatewayConfig
 from fleet.wire import ForwardingState
 
 T = TypeVar("T")

@@ -24,15 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.background import BackgroundGateway
-from fleet.cmdcli import send
-from fleet.configcli import get_config, set_config
-from fleet.natsconn import connect
-from fleet.compile import compile_libraries
+from fleet.client.commands import send
+from fleet.client.config import get_config, set_config
+from fleet.broker.connection import connect
+from fleet.boards.compile import compile_libraries
 from fleet.paths import BENCH_DIR, BUILD_DIR, micropython_executable
-from fleet.query import scatter
-from fleet.server import NatsServer
-from fleet.simulator import Simulator
-from fleet.tail import stored
+from fleet.state.query import scatter
+from fleet.broker.server import NatsServer
+from fleet.sim.simulator import Simulator
+from fleet.client.tail import stored
 
 # Signs in a board's log that the heap was too small for it.
 TROUBLE = ("MemoryError", "out of memory", "restarting in", "firmware error")

@@ -16,7 +16,6 @@ from link import HEADER_ROOM, Link
 from state import DeviceState
 from telemetry import Telemetry
 
-FIRMWARE_VERSION = "0.1.0"
 # Room for a batch's JSON envelope, in front of its records (_lay_out).
 _ENVELOPE_ROOM = const(128)
 _TICK_MS = const(250)  # see tick()
@@ -116,7 +115,7 @@ class Device:
         self.state.boot()
         if self.state.warning:
             log("state: " + self.state.warning)
-        self.firmware = protocol.get("firmware", FIRMWARE_VERSION)
+        self.firmware = protocol["firmware"]
         root = "%s/%s/" % (protocol["topic_root"], self.id)
         self.topics = {name: (root + name).encode() for name in protocol["topics"]}
         fleet_root = protocol["topic_root"] + "/"
@@ -506,9 +505,13 @@ class Device:
     def _on_message(self, topic, payload, discarded):
         if topic == self.topics["ack"]:
             # Handled here, not queued: the forwarder is waiting for it.
+            # Length first: int()'s error for a bad payload holds a copy of
+            # all of it, which a 4 KB payload's heap may not have room for.
             try:
-                seq = int(payload)
+                seq = int(payload) if 0 < len(payload) <= 20 else None
             except ValueError:
+                seq = None
+            if seq is None:
                 log("ack: not a sequence number: %r" % payload[:32])
                 return
             if seq > self.stored_seq:
@@ -690,7 +693,7 @@ def _device_protocol():
 
     protocol = load_protocol()
     return load_settings(protocol), {
-        "firmware": protocol.get("firmware", FIRMWARE_VERSION),
+        "firmware": protocol["firmware"],
         "topic_root": protocol["topic_root"],
         "topics": list(protocol["topics"]),
         "fleet_topics": list(protocol["fleet_topics"]),

@@ -21,6 +21,9 @@ from mqttframe import read_length
 
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
+# Reads up to this size (headers, topics, small payloads) come back as
+# bytes; larger ones as a bytearray read in place (see _read_into).
+_COPY_MAX = 256
 
 
 class PacketSocket:
@@ -129,6 +132,8 @@ class PacketSocket:
         if n > self.max_read:
             return self._discard(n)
         deadline = self._deadline()
+        if n > _COPY_MAX:
+            return self._read_into(n, deadline)
         buf = None
         while True:
             data = self.sock.read(n if buf is None else n - len(buf))
@@ -148,6 +153,24 @@ class PacketSocket:
                 buf.extend(data)
             if len(buf) == n:
                 return bytes(buf)
+
+    def _read_into(self, n, deadline):
+        # A payload is read into one block of its size, asked for once:
+        # reading it in pieces and joining them needs that block and the
+        # pieces at the same time, which a fragmented heap may not have.
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self.sock.readinto(view[got:])
+            if k is None:
+                self._wait(_POLLIN, deadline)
+            elif k == 0:
+                raise OSError(errno.ECONNRESET)
+            else:
+                got += k
+                self.rx_ticks = ticks_ms()
+        return buf
 
     def skip_packet(self):
         # umqtt.simple returns the type of a packet it does not handle

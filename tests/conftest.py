@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from fleet.server import NatsServer
-from fleet.simulator import Simulator
+from fleet.broker.server import NatsServer
+from fleet.sim.simulator import Simulator
 from support import GatewayThread
 
 

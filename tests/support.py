@@ -8,8 +8,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from bench.background import BackgroundGateway
-from fleet.simulator import Simulator
-from fleet.tail import Reading, stored
+from fleet.sim.simulator import Simulator
+from fleet.client.tail import Reading, stored
 
 T = TypeVar("T")
 
@@ -38,7 +38,7 @@ def registered(nats_url: str, device_id: str) -> bool:
     """Whether the gateway's registry has a record of the device (commands naming it are accepted)."""
     import nats
 
-    from fleet.inventory import UnknownDevice, known_device
+    from fleet.state.inventory import UnknownDevice, known_device
 
     async def check() -> bool:
         nc = await nats.connect(nats_url)

@@ -11,7 +11,7 @@ import pytest
 from support import GatewayThread
 from test_cli_errors import put_record
 
-from fleet.server import NatsServer
+from fleet.broker.server import NatsServer
 from fleet.wire import DeviceRecord
 
 
@@ -79,7 +79,7 @@ def test_configuration_is_set_listed_and_rolled_back(known: NatsServer) -> None:
 def test_every_gateway_answers_health(server: NatsServer) -> None:
     with GatewayThread(server.url, mqtt=(server.host, server.mqtt_port)), GatewayThread(server.url):
         async def collect() -> list[dict[str, Any]]:
-            from fleet.inventory import fetch_health_over
+            from fleet.state.inventory import fetch_health_over
 
             nc = await nats.connect(server.url)
             try:

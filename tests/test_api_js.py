@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from support import GatewayThread, wait_registered
 
-from fleet.server import NatsServer
-from fleet.simulator import Simulator
+from fleet.broker.server import NatsServer
+from fleet.sim.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools/js/api_test.mjs"

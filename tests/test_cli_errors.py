@@ -11,9 +11,9 @@ import nats.js.errors
 import pytest
 from support import GatewayThread
 
-from fleet.cli import main
+from fleet.cli.main import main
 from fleet.protocol import DEVICES_BUCKET
-from fleet.server import NatsServer
+from fleet.broker.server import NatsServer
 from fleet.wire import DeviceRecord
 
 

@@ -11,11 +11,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from support import GatewayThread, cut_link, wait_for, wait_registered
 
-from fleet.cli import main
-from fleet.cmdcli import send, status
-from fleet.commands import CommandRecord
-from fleet.server import NatsServer
-from fleet.simulator import Simulator
+from fleet.cli.main import main
+from fleet.client.commands import send, status
+from fleet.state.commands import CommandRecord
+from fleet.broker.server import NatsServer
+from fleet.sim.simulator import Simulator
 
 FAST = {"keepalive_s": 2, "reconnect_min_ms": 100, "reconnect_max_ms": 500, "socket_timeout_ms": 1000,
         "telemetry_interval_ms": 200}

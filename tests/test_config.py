@@ -12,11 +12,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from support import GatewayThread, cut_link, wait_for
 
-from fleet.cli import main
-from fleet.config import ConfigError, parse_assignment
-from fleet.configcli import get_config, set_config
-from fleet.server import NatsServer
-from fleet.simulator import Simulator
+from fleet.cli.main import main
+from fleet.state.config import ConfigError, parse_assignment
+from fleet.client.config import get_config, set_config
+from fleet.broker.server import NatsServer
+from fleet.sim.simulator import Simulator
 
 FAST = {"keepalive_s": 2, "reconnect_min_ms": 100, "reconnect_max_ms": 500, "socket_timeout_ms": 1000}
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet import context as contexts
-from fleet.cli import build_parser, main
+from fleet.broker import context as contexts
+from fleet.cli.main import build_parser, main
 
 
 def resolved(*argv: str) -> str:

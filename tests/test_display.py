@@ -17,8 +17,8 @@ import pytest
 from support import GatewayThread, wait_for, wait_registered
 
 from fleet.paths import micropython_executable, micropython_path
-from fleet.server import NatsServer
-from fleet.simulator import Simulator
+from fleet.broker.server import NatsServer
+from fleet.sim.simulator import Simulator
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def shown(sim: Simulator, text: str) -> bool:
 
 
 def test_pushed_text_is_drawn_wrapped_on_the_frame(sim: Simulator, server: NatsServer) -> None:
-    from fleet.cli import main
+    from fleet.cli.main import main
 
     text = "Hello fleet, this text wraps onto more lines"
     assert main(["display", "sim-001", text, "--nats", server.url]) == 0

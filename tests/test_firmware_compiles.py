@@ -24,7 +24,7 @@ def test_compiles_with_mpy_cross(source: Path, tmp_path: Path) -> None:
 
 
 def test_compiling_a_board_twice_rewrites_nothing(tmp_path: Path) -> None:
-    from fleet.compile import compile_firmware
+    from fleet.boards.compile import compile_firmware
 
     first = compile_firmware("pico_w", tmp_path)
     names = {p.name for p in first}
@@ -36,7 +36,7 @@ def test_compiling_a_board_twice_rewrites_nothing(tmp_path: Path) -> None:
 def test_compiled_firmware_names_its_sources_as_the_board_does_not_by_this_machine_s_paths(tmp_path: Path) -> None:
     # mpy-cross records a source name for tracebacks, and a board keeps it
     # as a string in its heap: "device.py", not where this checkout lies.
-    from fleet.compile import compile_firmware
+    from fleet.boards.compile import compile_firmware
 
     compile_firmware("sim", tmp_path)
     device = (tmp_path / "device.mpy").read_bytes()

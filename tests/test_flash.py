@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from support import GatewayThread, stored_readings, wait_for
 
-from fleet.cli import main as fleet
-from fleet.flash import BoardInfo, FlashError, check_board, check_settings_file, mpy_cross_version, packages_for
-from fleet.mipindex import MipIndex
+from fleet.cli.main import main as fleet
+from fleet.boards.flash import BoardInfo, FlashError, check_board, check_settings_file, mpy_cross_version, packages_for
+from fleet.boards.mipindex import MipIndex
 from fleet.paths import BOARDS_DIR, FIRMWARE_DIR
-from fleet.provision import HIDDEN
-from fleet.server import NatsServer
-from fleet.virtualboard import VirtualBoard
+from fleet.boards.provision import HIDDEN
+from fleet.broker.server import NatsServer
+from fleet.boards.virtualboard import VirtualBoard
 
 MPREMOTE = str(Path(sys.executable).with_name("mpremote"))
 

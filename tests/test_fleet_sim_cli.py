@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.server import NatsServer
+from fleet.broker.server import NatsServer
 
 
 def _processes_under(folder: Path) -> list[int]:
@@ -76,9 +76,9 @@ def test_fleet_sim_with_mqtt_uses_that_broker_and_ctrl_c_stops_everything(tmp_pa
 
 
 def test_simulator_uses_the_vm_named_by_MICROPYTHON(tmp_path: Path, server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fleet.observe import FleetObserver
+    from fleet.sim.observe import FleetObserver
     from fleet.paths import micropython_executable
-    from fleet.simulator import Simulator
+    from fleet.sim.simulator import Simulator
 
     marker = tmp_path / "used"
     wrapper = tmp_path / "my-micropython"

@@ -16,8 +16,8 @@ import pytest
 from nats.errors import ConnectionReconnectingError
 from support import GatewayThread, stored_readings, wait_for
 
-from fleet.forwarding import publish_chain
-from fleet.server import NatsServer
+from fleet.gateway.forwarding import publish_chain
+from fleet.broker.server import NatsServer
 from fleet.wire import MalformedPayload, ReadingBatch
 
 

@@ -27,18 +27,18 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from fleet import __version__
-from fleet.cli import main
-from fleet.forwarding import SPLITTER_CONSUMER
-from fleet.gateway import (
+from fleet.cli.main import main
+from fleet.gateway.forwarding import SPLITTER_CONSUMER
+from fleet.gateway.service import (
     PRESENCE_CONSUMER,
     DeviceEvent,
     Gateway,
     GatewayConfig,
     apply_events,
 )
-from fleet.inventory import ApiError, DeviceNotFound, GatewayNotRunning, fetch_device, fetch_devices
+from fleet.state.inventory import ApiError, DeviceNotFound, GatewayNotRunning, fetch_device, fetch_devices
 from fleet.protocol import BATCH_STREAM, PRESENCE_STREAM, TELEMETRY_STREAM, mqtt_topic, nats_subject
-from fleet.server import NatsServer
+from fleet.broker.server import NatsServer
 from fleet.wire import DeviceRecord, Presence, TelemetryReading
 
 T = TypeVar("T")

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from support import GatewayThread, wait_for
 
-from fleet.configpush import ConfigPublisher
-from fleet.gateway import Gateway
-from fleet.server import NatsServer
+from fleet.gateway.configpush import ConfigPublisher
+from fleet.gateway.service import Gateway
+from fleet.broker.server import NatsServer
 
 USER, PASSWORD = "fleet-gw", "s3cret-pw"
 
@@ -64,7 +64,7 @@ def mqtt_lines(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
 def test_a_closed_port_is_named_in_one_warning_per_interval_while_the_gateway_keeps_trying(
     server: NatsServer, closed_port: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="fleet.configpush")
+    caplog.set_level(logging.INFO, logger="fleet.gateway.configpush")
     with gateway_on(server.url, ("127.0.0.1", closed_port), mqtt_warn_every=60.0) as running:
         publisher = publisher_of(running)
         wait_for(lambda: publisher.mqtt_failures >= 2, "two failed connection attempts", 10, every=0.05)
@@ -81,7 +81,7 @@ def test_a_closed_port_is_named_in_one_warning_per_interval_while_the_gateway_ke
 
 
 def test_the_right_port_is_logged_once_as_connected(server: NatsServer, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="fleet.configpush")
+    caplog.set_level(logging.INFO, logger="fleet.gateway.configpush")
     with gateway_on(server.url, (server.host, server.mqtt_port)) as running:
         publisher = publisher_of(running)
         wait_for(lambda: mqtt_lines(caplog, logging.INFO), "the connected line", 10, every=0.05)
@@ -93,7 +93,7 @@ def test_the_right_port_is_logged_once_as_connected(server: NatsServer, caplog: 
 def test_a_wrong_mqtt_password_is_named_and_the_cli_logs_in_with_the_one_from_the_environment(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="fleet.configpush")
+    caplog.set_level(logging.INFO, logger="fleet.gateway.configpush")
     with PasswordServer(tmp_path / "server") as server:
         mqtt = (server.host, server.mqtt_port)
         with gateway_on(server.url, mqtt, mqtt_username=USER, mqtt_password="wrong") as running:
@@ -123,7 +123,7 @@ def test_a_wrong_mqtt_password_is_named_and_the_cli_logs_in_with_the_one_from_th
 def test_a_listener_that_goes_away_is_warned_about_and_its_return_is_logged(
     server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="fleet.configpush")
+    caplog.set_level(logging.INFO, logger="fleet.gateway.configpush")
     with gateway_on(server.url, (server.host, server.mqtt_port)) as running:
         publisher = publisher_of(running)
         wait_for(lambda: publisher.mqtt_connected, "the first connection", 10, every=0.05)

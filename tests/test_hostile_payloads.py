@@ -19,10 +19,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from support import GatewayThread, wait_for
 
-from fleet.configcli import set_config
-from fleet.inventory import fetch_devices
-from fleet.server import NatsServer
-from fleet.simulator import Simulator
+from fleet.client.config import set_config
+from fleet.state.inventory import fetch_devices
+from fleet.broker.server import NatsServer
+from fleet.sim.simulator import Simulator
 from fleet.wire import DeviceRecord
 
 MOSQUITTO_PUB = shutil.which("mosquitto_pub")

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from fleet.natsconn import connect
-from fleet.server import NatsServer
+from fleet.broker.connection import connect
+from fleet.broker.server import NatsServer
 
 
 def test_a_server_down_is_reported_once_then_its_return(
@@ -37,9 +37,9 @@ def test_a_server_down_is_reported_once_then_its_return(
         finally:
             await nc.close()
 
-    with caplog.at_level(logging.INFO, logger="fleet.natsconn"):
+    with caplog.at_level(logging.INFO, logger="fleet.broker.connection"):
         asyncio.run(scenario())
     assert len(errors) == 1
-    messages = [record.getMessage() for record in caplog.records if record.name == "fleet.natsconn"]
+    messages = [record.getMessage() for record in caplog.records if record.name == "fleet.broker.connection"]
     assert sum("lost" in m for m in messages) == 1 and sum("is back" in m for m in messages) == 1, messages
     assert "s3cret" not in caplog.text and "fleetuser:***@" in caplog.text

@@ -9,10 +9,10 @@ import nats
 import pytest
 from support import GatewayThread, wait_for, wait_registered
 
-from fleet.cli import main
-from fleet.nickname import NICKNAMES, NicknameService, NoNicknameLeft, ask
-from fleet.server import NatsServer
-from fleet.simulator import Simulator
+from fleet.cli.main import main
+from fleet.state.nickname import NICKNAMES, NicknameService, NoNicknameLeft, ask
+from fleet.broker.server import NatsServer
+from fleet.sim.simulator import Simulator
 
 
 def test_requests_are_shared_between_instances(server: NatsServer) -> None:

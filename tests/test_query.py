@@ -12,10 +12,10 @@ import nats
 import pytest
 from support import GatewayThread, wait_for
 
-from fleet.cli import main
-from fleet.query import QueryError, parse_filter
-from fleet.server import NatsServer
-from fleet.simulator import Simulator
+from fleet.cli.main import main
+from fleet.state.query import QueryError, parse_filter
+from fleet.broker.server import NatsServer
+from fleet.sim.simulator import Simulator
 
 BOARDS = ["pico_w", "esp32"]
 
@@ -43,7 +43,7 @@ def fleet10(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatsServ
 
 
 async def _online(url: str) -> set[str]:
-    from fleet.query import online_devices
+    from fleet.state.query import online_devices
 
     nc = await nats.connect(url)
     try:

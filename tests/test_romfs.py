@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fleet.paths import micropython_executable
-from fleet.romfs import ROM_MOUNT, ROM_PATH, build_image, main, vm_command
+from fleet.boards.romfs import ROM_MOUNT, ROM_PATH, build_image, main, vm_command
 
 # Heap taken by importing the firmware, measured inside the VM.
 MEASURE_IMPORT = """
@@ -47,6 +47,6 @@ def test_the_firmware_run_from_a_rom_image_takes_far_less_heap_than_its_mpy_file
 
 
 def test_a_missing_image_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["fleet.romfs", str(tmp_path / "nothing.romfs"), "-c", "print(1)"]) == 1
+    assert main(["fleet.boards.romfs", str(tmp_path / "nothing.romfs"), "-c", "print(1)"]) == 1
     assert "nothing.romfs" in capsys.readouterr().err
-    assert main(["fleet.romfs"]) == 2
+    assert main(["fleet.boards.romfs"]) == 2

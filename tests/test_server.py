@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import socket
 
-from fleet.server import NatsServer
+from fleet.broker.server import NatsServer
 
 
 def _accepts(port: int) -> bool:

@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from fleet.cmdcli import send, status
-from fleet.observe import FleetObserver
-from fleet.server import NatsServer
-from fleet.simulator import Simulator
+from fleet.client.commands import send, status
+from fleet.sim.observe import FleetObserver
+from fleet.broker.server import NatsServer
+from fleet.sim.simulator import Simulator
 from support import GatewayThread, stored_readings, wait_for
 
 KEEPALIVE_S = 2
@@ -166,8 +166,8 @@ def test_simulated_telemetry_lands_in_jetstream_and_the_cli_shows_the_fleet(
     import asyncio
     import json
 
-    from fleet.cli import main as fleet
-    from fleet.gateway import Gateway, GatewayConfig
+    from fleet.cli.main import main as fleet
+    from fleet.gateway.service import Gateway, GatewayConfig
 
     async def scenario() -> None:
         gateway = Gateway(GatewayConfig(nats_url=server.url))
@@ -200,8 +200,8 @@ def test_simulated_telemetry_lands_in_jetstream_and_the_cli_shows_the_fleet(
 def test_jetstream_holds_each_devices_readings_in_increasing_sequence(sim: Simulator, observer: FleetObserver, server: NatsServer) -> None:
     import asyncio
 
-    from fleet.gateway import Gateway, GatewayConfig
-    from fleet.tail import Reading, follow
+    from fleet.gateway.service import Gateway, GatewayConfig
+    from fleet.client.tail import Reading, follow
 
     ids = ["sim-001", "sim-002", "sim-003"]
 

@@ -16,11 +16,11 @@ from collections.abc import Callable
 import pytest
 from support import GatewayThread, stored_readings, wait_for
 
-from fleet.cli import main
-from fleet.flashlog import read_log
-from fleet.server import NatsServer
-from fleet.simulator import Simulator
-from fleet.tail import Reading
+from fleet.cli.main import main
+from fleet.sim.flashlog import read_log
+from fleet.broker.server import NatsServer
+from fleet.sim.simulator import Simulator
+from fleet.client.tail import Reading
 from fleet.wire import ForwardingState
 
 FAST = {

@@ -22,9 +22,9 @@ import nats
 import pytest
 from support import GatewayThread, stored_readings, wait_for
 
-from fleet.cli import main
+from fleet.cli.main import main
 from fleet.protocol import nats_subject
-from fleet.server import NatsServer
+from fleet.broker.server import NatsServer
 
 
 def reading(seq: int, **fields: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.virtualboard import VirtualBoard
+from fleet.boards.virtualboard import VirtualBoard
 
 MPREMOTE = str(Path(sys.executable).with_name("mpremote"))
 

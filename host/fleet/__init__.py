@@ -1,3 +1,8 @@
 """Fleet tooling: the host side of the fleet firmware (server, gateway, simulator, CLI)."""
+import json
 
-__version__ = "0.1.0"
+from fleet.paths import PROTOCOL_FILE
+
+# One version for the firmware and its tooling, kept in firmware/protocol.json
+# (the boards read it there); pyproject.toml and the package.json files follow it.
+__version__: str = json.loads(PROTOCOL_FILE.read_text())["firmware"]

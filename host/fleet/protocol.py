@@ -6,12 +6,12 @@ settings schema exist once.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from .paths import PROTOCOL_FILE
+from fleet.paths import PROTOCOL_FILE
+from fleet.schema import valid_id
 
 # The host's own API subjects; never under fleet.<id>.> (the devices' space).
 API_PREFIX = "fleet-api"
@@ -25,11 +25,6 @@ CONFIG_BUCKET = "fleet_config"
 CONFIG_REPORTS_STREAM = "FLEET_CONFIG_REPORTS"
 COMMANDS_BUCKET = "fleet_commands"
 COMMAND_RESULTS_STREAM = "FLEET_COMMAND_RESULTS"
-
-# The firmware's "id" settings type (firmware/settings.py valid_id): also a
-# valid NATS subject token and KV key, so the host can use ids as both.
-_DEVICE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
-
 
 @dataclass(frozen=True)
 class Topic:
@@ -75,16 +70,16 @@ def nats_subject(device_id: str, name: str) -> str:
     return mqtt_topic(device_id, name).replace("/", ".")
 
 
-def device_from_subject(subject: str) -> str:
-    """fleet.<id>.<name> -> <id>."""
+def device_from_subject(subject: str) -> str | None:
+    """fleet.<id>.<name...> -> <id>, or None when the subject carries no valid id."""
     parts = subject.split(".")
-    if len(parts) < 3 or parts[0] != topic_root():
-        raise ValueError(f"not a device subject: {subject}")
+    if len(parts) < 3 or parts[0] != topic_root() or not valid_id(parts[1]):
+        return None
     return parts[1]
 
 
 def is_valid_device_id(device_id: str) -> bool:
-    return _DEVICE_ID_RE.fullmatch(device_id) is not None
+    return valid_id(device_id)
 
 
 def api_subject(endpoint: str) -> str:

@@ -1,47 +1,45 @@
-"""The rules of firmware/protocol.json's "settings" and "config" tables,
-checked on the host exactly as firmware/settings.py checks them on the
-board, so a bad value is refused before it reaches one."""
+"""The rules of firmware/protocol.json's "settings" and "config" tables.
+
+They are the firmware's own check (firmware/settings.py, plain Python that
+CPython runs too), so the host refuses exactly what a board would refuse.
+"""
 from __future__ import annotations
 
-import re
+import importlib.util
+from types import ModuleType
 from typing import Any
 
-_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
+from fleet.paths import FIRMWARE_DIR
+
+# What the firmware's "id" type accepts (device ids, group names): also a
+# NATS subject token and a KV key, so the host can use ids as both.
+ID_RULE = "[A-Za-z0-9_-]{1,32}"
+
+
+def _firmware_settings() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("fleet._firmware_settings", FIRMWARE_DIR / "settings.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_FIRMWARE = _firmware_settings()
 
 
 def valid_id(value: Any) -> bool:
-    return isinstance(value, str) and _ID.fullmatch(value) is not None
+    return bool(_FIRMWARE.valid_id(value))
+
+
+def id_problem(value: Any, what: str = "device id") -> str | None:
+    """None for a valid id, else the one sentence every part of the host says."""
+    return None if valid_id(value) else f"invalid {what} {value!r}: expected {ID_RULE}"
 
 
 def problem(rule: dict[str, Any], value: Any) -> str | None:
     """None when `value` obeys `rule`, else what is wrong, in a few words."""
-    kind = rule["type"]
-    if kind == "bool":
-        if not isinstance(value, bool):
-            return f"must be true or false, got {value!r}"
-    elif kind == "choice":
-        if value not in rule["values"]:
-            return f"must be one of {', '.join(rule['values'])}, got {value!r}"
-    elif kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            return f"must be an integer, got {value!r}"
-        if not rule.get("min", value) <= value <= rule.get("max", value):
-            return f"must be from {rule['min']} to {rule['max']}, got {value}"
-    elif kind == "str":
-        if not isinstance(value, str):
-            return f"must be a string, got {value!r}"
-        if not rule.get("min", 0) <= len(value) <= rule.get("max", len(value)):
-            return f"must be {rule.get('min', 0)} to {rule['max']} characters long"
-    elif kind == "id":
-        if not valid_id(value):
-            return f"must match [A-Za-z0-9_-]{{1,32}}, got {value!r}"
-    elif kind == "list":
-        if not isinstance(value, list) or len(value) > rule["max"]:
-            return f"must be a list of at most {rule['max']} names"
-        for item in value:
-            if not valid_id(item):
-                return f"entries must match [A-Za-z0-9_-]{{1,32}}, got {item!r}"
-    return None
+    found: str | None = _FIRMWARE.check(rule, value)
+    return found
 
 
 def parse_value(rule: dict[str, Any], raw: str) -> Any:
@@ -66,4 +64,4 @@ def parse_value(rule: dict[str, Any], raw: str) -> Any:
     return raw
 
 
-__all__ = ["parse_value", "problem", "valid_id"]
+__all__ = ["ID_RULE", "id_problem", "parse_value", "problem", "valid_id"]

@@ -1,7 +1,7 @@
 # The virtual board's ROM partition, run in its VM before the REPL: what a
 # board's runtime built with ROMFS gives (vfs.rom_ioctl over its memory-
 # mapped flash partition, mounted at /rom, /rom and /rom/lib on sys.path),
-# over the memory `python -m fleet.romfs --partition FILE` maps from FILE,
+# over the memory `python -m fleet.boards.romfs --partition FILE` maps from FILE,
 # so `mpremote romfs deploy` writes it as it writes a board's, and what it
 # writes stays in FILE. The unix port has neither, hence this.
 import os
