@@ -16,13 +16,19 @@ T = TypeVar("T")
 
 
 class BackgroundGateway:
-    def __init__(self, nats_url: str, fetch_wait: float = 0.25, mqtt: tuple[str, int] | None = None) -> None:
+    def __init__(self, nats_url: str, fetch_wait: float = 0.25, mqtt: tuple[str, int] | None = None,
+                 creds: str | None = None, mqtt_password: str | None = None) -> None:
+        """`creds`, `mqtt_password`: the gateway's identity on a server in
+        operator mode (its .creds file; a bearer JWT for its MQTT link)."""
         self.nats_url = nats_url
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="fleet-gateway", daemon=True)
         self.gateway = Gateway(
             GatewayConfig(
                 nats_url=nats_url,
+                nats_creds=creds,
+                mqtt_username="fleet-gateway" if mqtt_password else None,
+                mqtt_password=mqtt_password,
                 fetch_wait=fetch_wait,
                 splitter=SplitterConfig(fetch_wait=fetch_wait, lease_ttl=3.0),
                 mqtt_host=mqtt[0] if mqtt else None,

@@ -20,7 +20,6 @@ import os
 from state import stream_atomic
 
 COMMANDS_FILE = "commands.jsonl"
-_OLD_FILE = "commands.json"  # what firmware before it kept: one JSON document
 KEEP = 32
 _KEPT_OUTCOME = 96  # characters of JSON
 
@@ -28,14 +27,6 @@ _KEPT_OUTCOME = 96  # characters of JSON
 def _prefix(command_id):
     # How the line of a command's entry begins: '["<id>",'.
     return "[%s," % json.dumps(command_id)
-
-
-def remove_earlier_file():
-    # At boot: what firmware before this one kept, now unused.
-    try:
-        os.remove(_OLD_FILE)
-    except OSError:
-        pass  # none (the usual case)
 
 
 def _is_entry(line):
@@ -82,13 +73,11 @@ def cmd_display(device, args):
 
 
 def cmd_flush(device, args):
-    device.backlog.flush()
-    device.recorded.set()  # wakes the forwarder
-    return {"backlog": device.backlog.backlog()}
+    return {"backlog": device.flush()}
 
 
 def cmd_reboot(device, args):
-    device.reboot_requested = True  # after the result is out: see Commands.run
+    device.reboot()  # after the result is out: see Commands.run
     return "rebooting"
 
 

@@ -10,7 +10,7 @@
 # retained copy is cleared (an empty message).
 import json
 
-from settings import check
+from rules import check
 from state import dump_atomic
 
 CONFIG_FILE = "config.json"

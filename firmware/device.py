@@ -1,53 +1,26 @@
 # A board running the fleet firmware: everything it is made of is created
 # here, at boot, and held by one Device object (no module-level state), so a
-# single VM can host several simulated boards.
+# single VM can host several simulated boards. The Device wires the parts
+# together (link, log, forwarder, telemetry, the cold code for commands,
+# configuration and queries) and handles what arrives; startup.py boots it.
 import asyncio
 import gc
 import json
-import sys
-from time import sleep_ms, ticks_add, ticks_diff, ticks_ms
+from time import ticks_diff, ticks_ms
 
 from micropython import const
 
 import board as profile
 from backlog import BacklogLog, area_size
 from display import render, to_text
-from link import HEADER_ROOM, Link
+from forwarder import Forwarder, batch_bytes_for, payload_offset
+from link import Link
 from state import DeviceState
 from telemetry import Telemetry
 
-# Room for a batch's JSON envelope, in front of its records (_lay_out).
-_ENVELOPE_ROOM = const(128)
+import coldcode  # last: from .mpy it imports the cold code, after what always runs
+
 _TICK_MS = const(250)  # see tick()
-# A batch takes at most this part of the heap: its packet buffer is the
-# board's largest block, held for good. The default 4 KB batches need a
-# 128 KB heap (a Pico W has 150-190 KB); on a 64 KB heap they are 2 KB.
-_HEAP_PER_BATCH = const(32)
-_CODE_TRIES = const(5)  # see _import_code
-_CODE_RETRY_MS = const(200)
-
-
-# Code a board runs only now and then: a command, a configuration, a
-# query, the settings at boot. Run in place from a ROM image, it is
-# imported where it is used and let go of once that message, or the boot,
-# is done (_let_go): its function objects and classes, about 6 KB of heap
-# on the unix port (measured), go back to the heap instead of staying for
-# good, and importing it again costs 20-100 us there (its names stay
-# interned; its code never leaves the image). A message imports its code
-# before anything else (_import_code). From .mpy files an import copies
-# the module's code into the heap, so it is imported once, here, before
-# the Device asks for its buffers, and kept.
-_COLD = ("commands", "config", "query", "settings")
-_IN_PLACE = __file__.startswith("/rom/")
-if not _IN_PLACE:
-    for _name in _COLD:
-        __import__(_name)
-
-
-def _let_go():
-    if _IN_PLACE:
-        for name in _COLD:
-            sys.modules.pop(name, None)
 
 
 def log(line):
@@ -88,23 +61,6 @@ class Inbox:
         return item
 
 
-def batch_bytes_for(wanted, heap):
-    # The batch_bytes setting, or less on a heap too small for it (but
-    # never under 1 KB): see _HEAP_PER_BATCH.
-    return min(wanted, max(1024, heap // _HEAP_PER_BATCH))
-
-
-def _seq_of(packet, start, end):
-    # The "seq" of the record in packet[start:end] as record() wrote it,
-    # without parsing it all (or copying it).
-    at = packet.find(b'"seq": ', start, end) + 7
-    seq = 0
-    while 48 <= packet[at] <= 57:
-        seq = seq * 10 + packet[at] - 48
-        at += 1
-    return seq
-
-
 class Device:
     def __init__(self, settings, protocol):
         self.settings = settings
@@ -122,17 +78,15 @@ class Device:
         self.fleet_topics = {name: (fleet_root + name).encode() for name in protocol["fleet_topics"]}
         self.inbox = Inbox(8)
         # The packet buffer: every packet the link sends is gathered here,
-        # and a batch of readings is read into it by the log, in the area
-        # after room for the packet's header and the batch's envelope, and
-        # sent from where it lies (_lay_out). One buffer, allocated once:
-        # a batch costs no copy and no heap of its own.
-        self._payload_at = HEADER_ROOM + len(self.topics["batch"]) + _ENVELOPE_ROOM
+        # and the forwarder's batches are read into it by the log and sent
+        # from where they lie. One buffer, allocated once.
         heap = gc.mem_alloc() + gc.mem_free()
         self.batch_bytes = batch_bytes_for(settings["batch_bytes"], heap)
         if self.batch_bytes < settings["batch_bytes"]:
             log("forward: batches of %d bytes, not %d, on a heap of %d KB" % (self.batch_bytes, settings["batch_bytes"], heap // 1024))
+        at = payload_offset(self.topics["batch"])
         area = area_size(self.batch_bytes)
-        self.packet = bytearray(self._payload_at + area + 3)  # 3: the batch's closing "\n]}"
+        self.packet = bytearray(at + area + 3)  # 3: the batch's closing "\n]}"
         self.link = Link(self.id, settings, self.board, profile.TCP_NODELAY, self.topics["status"], self._on_message, log,
                          self.packet)
         self.link.will = self._presence(False)
@@ -150,17 +104,15 @@ class Device:
         self.link.subscribe(self.fleet_topics["query"], 0)
         self.link.subscribe(self.fleet_topics["display"], 0)
         self.link.subscribe(self.topics["display"], 0)
-        self.telemetry = Telemetry(self, settings["telemetry_interval_ms"])
         self.backlog = BacklogLog(
             "log", settings["backlog_budget"], max(1024, settings["backlog_budget"] // 16),
             settings["flush_records"], settings["flush_ms"],
-            read_area=memoryview(self.packet)[self._payload_at:self._payload_at + area],
+            read_area=memoryview(self.packet)[at:at + area],
         )
-        self.recorded = asyncio.Event()
-        self.link.on_up = self.recorded.set  # forward the backlog as soon as the link is up
-        self.stored = asyncio.Event()  # the gateway acknowledged a batch
-        self.stored_seq = -1  # the last sequence the gateway says is stored
-        self.forwarded = 0
+        self.forwarder = Forwarder(self.link, self.backlog, self.packet, at, self.topics["batch"], settings,
+                                   self.batch_bytes, log)
+        self.link.on_up = self.forwarder.wake  # forward the backlog as soon as the link is up
+        self.telemetry = Telemetry(self.board, self.backlog, self.started, self.record, settings["telemetry_interval_ms"])
         self.rejected = 0  # readings refused by record() (too large, or no heap)
         self.errors = 0
         self.log_level = "info"
@@ -177,9 +129,6 @@ class Device:
         self.config_version = config.version
         self.reboot_requested = False
         self.stopped = asyncio.Event()
-        import commands
-
-        commands.remove_earlier_file()
 
     def _config(self):
         # A Config for one message, at the version in force (cold code).
@@ -193,6 +142,17 @@ class Device:
         import commands
 
         return commands.Commands(self, self._report_command, log)
+
+    # What commands do to the board (commands.py calls only these, info()
+    # and show()).
+    def flush(self):
+        # The readings in RAM to flash, and the forwarder woken to send them.
+        self.backlog.flush()
+        self.forwarder.wake()
+        return self.backlog.backlog()
+
+    def reboot(self):
+        self.reboot_requested = True  # after the result is out: see handle()
 
     def _apply_config(self, values):
         # Everything the configuration controls, live, without a reboot.
@@ -240,8 +200,8 @@ class Device:
         return {
             "inbox_dropped": self.inbox.dropped,  # messages lost to a full inbox
             "rejected": self.rejected,  # readings record() refused
-            "errors": self.errors,  # failures the tasks survived
-            "forwarded": self.forwarded,  # readings acknowledged by the broker this boot
+            "errors": self.errors + self.forwarder.errors,  # failures the tasks survived
+            "forwarded": self.forwarder.forwarded,  # readings acknowledged by the broker this boot
             "corrupt": self.backlog.corrupt,  # log records skipped at boot
             "connects": self.link.connects,
             "save_error": self.state.save_error,
@@ -334,127 +294,13 @@ class Device:
             return False
         if self.log_level == "debug":
             log("reading %d recorded" % reading["seq"])
-        self.recorded.set()
-        return True
-
-    async def forward(self):
-        # Oldest first, several readings per QoS 1 message, up to
-        # forward_window batches in flight. The log moves on only when the
-        # gateway says the readings are in the telemetry stream (topic ack):
-        # nats-server acknowledges an MQTT publish before a stream has
-        # stored it, so a PUBACK alone can lose readings when the broker
-        # stops. No ack in ack_timeout_ms: everything in flight goes again
-        # from the log's cursor after a growing pause (no gateway running).
-        log_ = self.backlog
-        link = self.link
-        limit = self.batch_bytes
-        resend_at = ticks_ms()
-        misses = 0  # passes in a row without an ack: the pause before resending grows
-        connects = link.connects
-        while True:
-            await self.recorded.wait()  # a reading, a new connection, or tick()
-            self.recorded.clear()
-            if link.connects != connects:  # a new connection: send at once
-                connects = link.connects
-                resend_at = ticks_ms()
-            try:
-                resend_at, misses = await self._forward_batches(limit, resend_at, misses)
-            except Exception as e:  # never let the forwarder die: the log keeps everything
-                self.errors += 1
-                log("forward: %r" % (e,))
-            if log_.flush_due():
-                log_.flush()
-
-    async def _forward_batches(self, limit, resend_at, misses):
-        # One pass over the log while the link is up; returns the state the
-        # forwarder keeps between passes. A pass starts at the log's cursor,
-        # so whatever was in flight when the last one ended goes again (the
-        # gateway drops what it already stored).
-        log_ = self.backlog
-        link = self.link
-        window = self.settings["forward_window"]
-        ack_timeout = self.settings["ack_timeout_ms"]
-        inflight = []  # (last seq, token, packet number) of each batch sent and not acked, oldest first
-        sending = 0  # readings in those batches
-        connects = link.connects
-        while link.connected and ticks_diff(ticks_ms(), resend_at) >= 0:
-            # Fill the window. Later batches carry the last seq of the one
-            # before ("prev"): if that one never reached the stream, the
-            # gateway sees the hole and stores nothing past it.
-            while len(inflight) < window:
-                start = inflight[-1][1][0] if inflight else None
-                if inflight and start is None:
-                    break  # readings from RAM are in flight: they go alone
-                count, size, token = log_.next_batch(limit, start)
-                if not count:
-                    break
-                prev = inflight[-1][0] if inflight else -1
-                sending += count
-                begin, end, last = self._lay_out(size, prev, log_.backlog() - sending)
-                # Not waiting for each PUBACK: the window is the flow control.
-                number = link.send(self.topics["batch"], self.packet, begin, end)
-                if not number:
-                    return resend_at, misses  # the link is down; all of it goes again on the next connection
-                inflight.append((last, token, number))
-            if not inflight:
-                break
-            stored = await self._stored_up_to(inflight[0][0], inflight[0][2], connects, ack_timeout)
-            if stored is None:
-                break  # the link went down meanwhile
-            if not stored:
-                # The first miss is likely a lost message: resend at
-                # once. More mean no gateway is storing: back off.
-                pause = 0 if not misses else min(ack_timeout << min(misses - 1, 8), 60000)
-                misses += 1
-                resend_at = ticks_add(ticks_ms(), pause)
-                log("forward: no ack for seq %d in %d ms; sending again in %d ms" % (inflight[0][0], ack_timeout, pause))
-                break
-            misses = 0
-            # One cursor write for every batch this ack covers (the oldest
-            # one at least: that is what was waited for).
-            token = inflight.pop(0)[1]
-            count = token[1]
-            while inflight and inflight[0][0] <= self.stored_seq and inflight[0][2] <= link.pubacked:
-                token = inflight.pop(0)[1]
-                count += token[1]
-            log_.ack(token if token[0] is None else (token[0], count, 0, 0))
-            self.forwarded += count
-            sending -= count
-        return resend_at, misses
-
-    async def _stored_up_to(self, seq, number, connects, timeout_ms):
-        # True once the gateway has stored `seq` and the broker has
-        # acknowledged the packet that carried it (send()'s `number`), False
-        # after timeout_ms, None if the link went down first (connection
-        # `connects` is the one the batch went on).
-        link = self.link
-        deadline = ticks_add(ticks_ms(), timeout_ms)
-        while self.stored_seq < seq or link.pubacked < number:
-            if not link.connected or link.connects != connects:
-                return None
-            left = ticks_diff(deadline, ticks_ms())
-            if left <= 0:
-                return False
-            if self.stored_seq >= seq:
-                # Only the PUBACK is missing: the gateway's ack came first,
-                # for a copy sent before a reconnect. It is on its way.
-                await asyncio.sleep_ms(1)
-                continue
-            # Woken by the ack, or by tick() within _TICK_MS: a link that
-            # drops, or the timeout, is noticed then.
-            await self.stored.wait()
-            self.stored.clear()
+        self.forwarder.wake()
         return True
 
     async def tick(self):
         # The device's clock. Every _TICK_MS it feeds the watchdog, keeps
-        # the link alive (Link.keepalive), wakes whoever waits for the
-        # gateway's ack (`stored`) and, every flush_ms, the forwarder
-        # (`recorded`), so that they notice a timeout, a pause ended, a
-        # flush due or a link gone. Cheaper than asyncio.wait_for_ms, whose
-        # task and closures cost each wait about 0.9 KB of heap while it
-        # lasts, allocated anew each time (measured in the unix port): the
-        # forwarder waited so all along.
+        # the link alive (Link.keepalive) and lets the forwarder notice a
+        # timeout, a pause ended, a flush due or a link gone.
         # The watchdog is fed by the event loop itself: if any task blocks
         # the loop for longer than its timeout (every socket operation is
         # bounded well below it), the board resets. Started here, after the
@@ -464,59 +310,17 @@ class Device:
         dog = profile.watchdog(max(8000, 6 * self.settings["socket_timeout_ms"]))
         if dog is not None:
             self.link.feed = dog.feed  # fed between the connect's steps too
-        woke = ticks_ms()
         while True:
             if dog is not None:
                 dog.feed()
             await asyncio.sleep_ms(_TICK_MS)
             self.link.keepalive()
-            self.stored.set()
-            if ticks_diff(ticks_ms(), woke) >= self.backlog.flush_ms:
-                woke = ticks_ms()
-                self.recorded.set()
-
-    def _lay_out(self, size, prev, waiting):
-        # The batch the log put in the packet buffer, records framed as on
-        # flash ([length: u16][crc32: u32][body] each, in the `size` bytes
-        # from _payload_at), made the batch's JSON where it lies: each
-        # 6-byte header becomes JSON whitespace and punctuation of the same
-        # length, the envelope goes in front and "\n]}" after. One record
-        # per line (indented): the gateway takes each record's bytes as
-        # they are instead of parsing the batch whole and encoding every
-        # record again. `waiting`: readings on the board after this batch
-        # and the ones in flight before it. Returns (start, end) of the
-        # payload in the packet buffer, and the last record's seq.
-        packet = self.packet
-        at = self._payload_at
-        end = at + size
-        head = b'{"prev": %d, "dropped": %d, "backlog": %d, "records": ' % (prev, self.backlog.dropped, max(0, waiting))
-        packet[at - len(head):at] = head
-        p = at
-        while True:
-            n = packet[p] | packet[p + 1] << 8
-            packet[p:p + 6] = b",\n    " if p > at else b"[\n    "
-            if p + 6 + n >= end:
-                break
-            p += 6 + n
-        packet[end:end + 3] = b"\n]}"
-        return at - len(head), end + 3, _seq_of(packet, p + 6, end)
+            self.forwarder.tick()
 
     # -- incoming messages ---------------------------------------------------------
     def _on_message(self, topic, payload, discarded):
         if topic == self.topics["ack"]:
-            # Handled here, not queued: the forwarder is waiting for it.
-            # Length first: int()'s error for a bad payload holds a copy of
-            # all of it, which a 4 KB payload's heap may not have room for.
-            try:
-                seq = int(payload) if 0 < len(payload) <= 20 else None
-            except ValueError:
-                seq = None
-            if seq is None:
-                log("ack: not a sequence number: %r" % payload[:32])
-                return
-            if seq > self.stored_seq:
-                self.stored_seq = seq
-                self.stored.set()
+            self.forwarder.acked(payload)  # handled here, not queued: the forwarder is waiting for it
             return
         self.inbox.put((topic, payload, discarded))
 
@@ -538,10 +342,10 @@ class Device:
                 else:
                     log("message on %s dropped: no heap for its code" % topic)
                 topic = payload = None  # not kept alive while the inbox is empty
-                _let_go()
+                coldcode.let_go()
 
     def _code_for(self, topic):
-        # The cold module (_COLD) that handles messages on `topic`, if any.
+        # The cold module (coldcode.COLD) that handles messages on `topic`, if any.
         if topic == self.topics["cmd"]:
             return "commands"
         if topic == self.topics["config"]:
@@ -552,30 +356,25 @@ class Device:
 
     async def _import_code(self, topic):
         # The code a message needs is imported before anything is done
-        # with it. An import asks for a few hundred small blocks; on a
-        # fragmented heap it can fail where the message itself would fit,
-        # and then costs only time: the message waits while the other
-        # tasks run, and tries again. False when it never fitted.
+        # with it (coldcode.load); False when it never fitted the heap.
         name = self._code_for(topic)
         if name is None:
             return True
-        for attempt in range(_CODE_TRIES):
-            try:
-                __import__(name)
-                if attempt:
-                    log("message on %s: its code imported at try %d" % (topic, attempt + 1))
-                return True
-            except MemoryError:
-                await asyncio.sleep_ms(_CODE_RETRY_MS)
-        return False
+        tries = await coldcode.load(name)
+        if tries > 1:
+            log("message on %s: its code imported at try %d" % (topic, tries))
+        return tries > 0
 
     def handle(self, topic, payload, discarded):
         if discarded:
-            log("message on %s dropped: %d bytes is over max_payload" % (topic, discarded))
+            # Drained unread: larger than max_payload, or (payload None) no
+            # block that large on the heap when it came.
+            why = "is over max_payload" if payload is not None else "found no room on the board's heap"
+            log("message on %s dropped: %d bytes %s" % (topic, discarded, why))
             if topic == self.topics["config"]:
-                self._config().reject("payload of %d bytes is over max_payload" % discarded)
+                self._config().reject("payload of %d bytes %s" % (discarded, why))
             elif topic == self.topics["cmd"]:
-                self._commands().reject("payload of %d bytes is over max_payload" % discarded)
+                self._commands().reject("payload of %d bytes %s" % (discarded, why))
             return
         if topic == self.topics["ping"]:
             self.link.publish(self.topics["pong"], payload, False, 0)
@@ -631,7 +430,7 @@ class Device:
         log("device %s: %s firmware %s%s, boot %d (%s)" % (self.id, profile.NAME, self.firmware, where, self.state.boots, profile.reset_cause()))
         asyncio.create_task(self.keep_running("link", self.link.run))
         asyncio.create_task(self.keep_running("dispatch", self.dispatch))
-        asyncio.create_task(self.keep_running("forward", self.forward))
+        asyncio.create_task(self.keep_running("forward", self.forwarder.run))
         asyncio.create_task(self.keep_running("telemetry", self.telemetry.run))
         asyncio.create_task(self.tick())
         await self.stopped.wait()
@@ -643,105 +442,7 @@ class Device:
         # (MicroPython's GC is conservative: a stale register will do) it
         # holds no buffers the next boot, in this same heap, needs. main()
         # runs each boot in a frame of its own for the same reason (_boot).
-        for name in self.__dict__:  # a copy in MicroPython, and no key is added
-            setattr(self, name, None)
+        for part in (self.forwarder, self.telemetry, self):
+            for name in part.__dict__:  # a copy in MicroPython, and no key is added
+                setattr(part, name, None)
 
-
-def load_settings(protocol):
-    # Retry with backoff until the settings are usable; one clear line each time.
-    import settings as settings_mod
-
-    delay = 1000
-    while True:
-        try:
-            return settings_mod.load(protocol["settings"])
-        except settings_mod.SettingsError as e:
-            log("settings error: %s; retrying in %d s" % (e.args[0], delay // 1000))
-        sleep_ms(delay)
-        delay = min(delay * 2, 60000)
-
-
-def too_old(minimum, version=None):
-    # The MicroPython version when it is older than `minimum` ("1.22"), else None.
-    if version is None:
-        version = sys.implementation.version
-    wanted = tuple(int(part) for part in minimum.split("."))
-    return "%d.%d.%d" % tuple(version[:3]) if tuple(version[: len(wanted)]) < wanted else None
-
-
-def _check_version():
-    from settings import load_protocol
-
-    protocol = load_protocol()
-    minimum = protocol.get("micropython_min")
-    old = minimum and too_old(minimum)
-    if old:
-        # Said at every boot, then carried on: most things may still work,
-        # and a board that refuses to start cannot be reached to update it.
-        log("MicroPython %s is older than %s, the oldest this firmware supports: update the board's MicroPython" % (old, minimum))
-
-
-def _device_protocol():
-    # The settings, and what a Device needs of protocol.json: the file
-    # takes about 11 KB of heap as objects on the 64-bit unix port
-    # (measured; about half on a board), of which the device keeps under
-    # 1 KB. Read in a function of its own, so that none of the rest is
-    # still reachable (a stale frame slot will do, the GC being
-    # conservative) when the Device asks for its buffers: on a small heap
-    # the two did not fit at once, and the board could not boot.
-    from settings import load_protocol
-
-    protocol = load_protocol()
-    return load_settings(protocol), {
-        "firmware": protocol["firmware"],
-        "topic_root": protocol["topic_root"],
-        "topics": list(protocol["topics"]),
-        "fleet_topics": list(protocol["fleet_topics"]),
-        # Without the "about" texts, which are for people and cost heap.
-        "config": {key: {k: v for k, v in rule.items() if k != "about"} for key, rule in protocol["config"].items()},
-    }
-
-
-def _new_device():
-    settings, protocol = _device_protocol()
-    gc.collect()
-    device = Device(settings, protocol)
-    _let_go()  # what only the boot needed
-    return device
-
-
-def _boot():
-    # One boot, from building the Device to its stop; True when it asked
-    # for a reboot. A function of its own for the heap's sake: MicroPython's
-    # GC is conservative and scans the whole frame of every function still
-    # running, stale slots included. Left in main(), the stopped device's
-    # temporaries kept its link, log and tasks (17 KB at 128k, measured in
-    # the VM) alive into the next boot, which then failed for want of them.
-    # Once this returns, its frame is off the stack and no longer scanned.
-    device = _new_device()
-    try:
-        gc.collect()
-        asyncio.run(device.run())
-        return device.reboot_requested
-    finally:
-        device.release()
-
-
-def main():
-    _check_version()
-    _let_go()
-    while True:
-        gc.collect()
-        try:
-            if _boot():
-                log("rebooting")
-                profile.reset()  # real boards do not come back from this
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:
-            # Last line of defence: say what happened and start over rather
-            # than sit dead. (Real boards also have the watchdog.)
-            log("firmware error, restarting in 5 s:")
-            sys.print_exception(e)
-            sleep_ms(5000)
-        asyncio.new_event_loop()

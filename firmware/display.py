@@ -7,28 +7,32 @@ LINES = 8
 
 def to_text(payload, limit=256):
     # Pushed bytes to printable text, at most `limit` characters (the rest
-    # is never looked at: a list of one string per byte of a 4 KB payload
-    # did not fit a fragmented heap). The 8x8 font has ASCII only: every
+    # is never looked at), written into one buffer of at most `limit`
+    # bytes: a fragmented heap has room for that where it had none for a
+    # list of one string per character. The 8x8 font has ASCII only: every
     # other character (a whole UTF-8 sequence) becomes one "?", and so does
     # every byte that is not valid UTF-8; control characters become spaces.
     if isinstance(payload, str):
         payload = payload.encode()
-    out = []
-    i = 0
     n = len(payload)
-    while i < n and len(out) < limit:
+    out = bytearray(limit if n > limit else n)  # never more characters than bytes
+    i = k = 0
+    while i < n and k < len(out):
         b = payload[i]
         if b < 128:
-            out.append(chr(b) if (b >= 32 and b != 127) or b == 10 else " ")
+            out[k] = b if (b >= 32 and b != 127) or b == 10 else 32
             i += 1
-            continue
-        size = 2 if 0xC0 <= b < 0xE0 else 3 if 0xE0 <= b < 0xF0 else 4 if 0xF0 <= b < 0xF8 else 1
-        if size > 1 and i + size <= n and all(0x80 <= c < 0xC0 for c in payload[i + 1:i + size]):
-            i += size  # one character beyond the font
         else:
-            i += 1  # a byte that is not UTF-8
-        out.append("?")
-    return "".join(out)
+            size = 2 if 0xC0 <= b < 0xE0 else 3 if 0xE0 <= b < 0xF0 else 4 if 0xF0 <= b < 0xF8 else 1
+            j = i + 1
+            if size > 1 and i + size <= n:
+                while j < i + size and 0x80 <= payload[j] < 0xC0:
+                    j += 1
+            # One character beyond the font, or a byte that is not UTF-8.
+            i = i + size if size > 1 and j == i + size else i + 1
+            out[k] = 63  # "?"
+        k += 1
+    return str(memoryview(out)[:k], "ascii")
 
 
 def wrap(text, columns=COLUMNS, lines=LINES):

@@ -22,6 +22,9 @@ from mqttsocket import SocketFactory
 # One deadline for the whole connect (address, TCP, CONNACK, every SUBACK,
 # the birth's PUBACK): under the watchdog's 8 s (the Pico W's caps at 8.3 s).
 CONNECT_MS = const(6000)
+# Credentials refused: retry after 10 s at least, growing to 5 minutes.
+_REFUSED_MIN_MS = const(10000)
+_REFUSED_MAX_MS = const(300000)
 # Errors that mean "this connection is unusable": socket errors, a refused
 # or malformed CONNACK (umqtt.simple asserts on it), a short read.
 LINK_ERRORS = (OSError, simple.MQTTException, AssertionError, IndexError, ValueError)
@@ -45,12 +48,21 @@ def backoff_ms(attempt, low, high):
     return low + random.getrandbits(24) % (ceiling - low + 1)
 
 
+def refused(error):
+    # CONNACK 4 (bad username or password) or 5 (not authorized): trying
+    # again soon changes nothing, and a fleet of refused boards retrying
+    # every second is a load on the server.
+    return isinstance(error, simple.MQTTException) and error.args and error.args[0] in (4, 5)
+
+
 def describe(error):
     # One readable phrase for the console and status.
     if isinstance(error, OSError) and error.args and error.args[0] == -1:
         return "connection closed by the broker"  # umqtt.simple's code for EOF
     if isinstance(error, OSError) and error.args and error.args[0] == errno.ETIMEDOUT:
         return "no answer from the broker within socket_timeout_ms"
+    if refused(error):
+        return "credentials refused by the broker: revoked or wrong (CONNACK %d)" % error.args[0]
     if isinstance(error, simple.MQTTException):
         return "broker refused the connection (CONNACK code %s)" % error.args[0]
     if isinstance(error, AssertionError):
@@ -81,6 +93,7 @@ class Link:
         self.up = asyncio.Event()
         self.connects = 0
         self.last_error = None
+        self.refused = False  # the last connect's credentials were refused (see run)
         self.on_up = None  # called after every (re)connect, once the birth is out
         # send()'s packets on this connection, and the PUBACKs for them so
         # far: the broker sends those in order (MQTT 3.1.1, 4.6).
@@ -162,7 +175,10 @@ class Link:
                 await self._serve()
             except Exception as e:  # LINK_ERRORS, or MemoryError mid-packet: the connection is unusable
                 self._drop(e)
-            delay = backoff_ms(attempt, self.settings["reconnect_min_ms"], self.settings["reconnect_max_ms"])
+            low, high = self.settings["reconnect_min_ms"], self.settings["reconnect_max_ms"]
+            if self.refused:
+                low, high = max(low, _REFUSED_MIN_MS), max(high, _REFUSED_MAX_MS)
+            delay = backoff_ms(attempt, low, high)
             attempt += 1
             self.log("link: down (%s), retry in %d ms" % (self.last_error, delay))
             await asyncio.sleep_ms(delay)
@@ -228,7 +244,13 @@ class Link:
         for topic, qos in self.subscriptions:
             if self.feed is not None:
                 self.feed()
-            client.subscribe(topic, qos)
+            try:
+                client.subscribe(topic, qos)
+            except simple.MQTTException as e:
+                # SUBACK 0x80: not this board's topic by its credentials.
+                # The rest still works; said once per connection.
+                self.log("link: subscription to %s refused by the broker (code %s): are these credentials this board's?"
+                         % (topic.decode() if isinstance(topic, bytes) else topic, e.args[0]))
         if self.birth:
             birth = self.birth() if callable(self.birth) else self.birth
             client.publish(self.status_topic, birth, True, 1)
@@ -294,6 +316,7 @@ class Link:
 
     def _drop(self, error):
         self.last_error = describe(error)
+        self.refused = refused(error)
         self.connected = False
         self.up.clear()
         if self.sock:

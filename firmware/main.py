@@ -11,6 +11,6 @@ import board
 if "SAFE" in os.listdir() or board.safe_boot_requested():
     print("safe boot: firmware not started (remove SAFE or release the button, then reset)")
 else:
-    import device
+    import startup
 
-    device.main()
+    startup.main()

@@ -9,7 +9,8 @@
 # - every read and write is bounded by a deadline (the real socket is
 #   non-blocking and waited on with poll), so a black-holed link raises
 #   OSError instead of hanging the board;
-# - payloads larger than max_read are drained and discarded, not allocated;
+# - payloads larger than max_read are drained and discarded, not allocated,
+#   and so is one the heap has no block for (read() returns None);
 # - while the link connects, every step also ends by one deadline for the
 #   whole sequence (`until`), and the watchdog is fed before each (`feed`).
 import errno
@@ -158,7 +159,13 @@ class PacketSocket:
         # A payload is read into one block of its size, asked for once:
         # reading it in pieces and joining them needs that block and the
         # pieces at the same time, which a fragmented heap may not have.
-        buf = bytearray(n)
+        try:
+            buf = bytearray(n)
+        except MemoryError:
+            # No block that large on the heap now: the payload is drained
+            # and dropped, not the connection (None tells the device why).
+            self._discard(n)
+            return None
         view = memoryview(buf)
         got = 0
         while got < n:

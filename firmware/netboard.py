@@ -1,8 +1,11 @@
 # What every real board with a WiFi station shares: joining the network,
-# signal strength, and a clock set over NTP. Board profiles subclass this
-# and add their pins and sensors; the sim profile needs none of it.
+# signal strength, a clock set over NTP, the LED on one pin, the chip's id,
+# its reset cause and reset. Board profiles subclass NetworkedBoard, import
+# the functions, and add their pins and sensors; the sim profile needs none
+# of it.
 import time
 
+import machine
 import network
 
 # Before NTP the RTC counts from its reset value; anything earlier than this
@@ -16,10 +19,28 @@ _UNSYNCED_BEFORE = 1700000000
 _EPOCH_2000 = 946684800
 
 
+def unique_id():
+    return machine.unique_id()
+
+
+def reset_cause_of(causes):
+    # The port's reset cause named by the profile's table, or "other".
+    return causes.get(machine.reset_cause(), "other")
+
+
+def reset():
+    machine.reset()
+
+
 class NetworkedBoard:
-    def __init__(self):
+    def __init__(self, device_id, led_pin):
+        self.device_id = device_id
+        self.led_pin = machine.Pin(led_pin, machine.Pin.OUT)
         self.wlan = network.WLAN(network.STA_IF)
         self.epoch_offset = _EPOCH_2000 if time.gmtime(0)[0] == 2000 else 0
+
+    def led(self, on):
+        self.led_pin.value(1 if on else 0)
 
     def wifi_connect(self, ssid, password):
         self.wlan.active(True)

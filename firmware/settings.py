@@ -1,6 +1,12 @@
 # Board settings: a JSON file on flash, checked against the "settings" table
-# of protocol.json (the same table the host uses to write settings files).
+# of protocol.json (the same table the host uses to write settings files),
+# and what else a boot reads of protocol.json. Boot-only code: startup.py
+# imports it for each boot and lets go of it before the Device is built.
 import json
+import sys
+from time import sleep_ms
+
+from rules import check
 
 SETTINGS_FILE = "settings.json"
 PROTOCOL_FILE = "protocol.json"
@@ -11,54 +17,12 @@ class SettingsError(Exception):
     pass
 
 
-def valid_id(s):
-    # [A-Za-z0-9_-]{1,32} without importing re (saves RAM on the boards).
-    if not isinstance(s, str) or not 1 <= len(s) <= 32:
-        return False
-    for c in s:
-        if not ("a" <= c <= "z" or "A" <= c <= "Z" or "0" <= c <= "9" or c in "_-"):
-            return False
-    return True
-
-
 def load_protocol(path=None):
     # protocol.json sits beside this module on the board and in the repo.
     if path is None:
         path = __file__.rsplit("/", 1)[0] + "/" + PROTOCOL_FILE if "/" in __file__ else PROTOCOL_FILE
     with open(path) as f:
         return json.load(f)
-
-
-def check(rule, value):
-    # None when `value` obeys `rule` (a protocol.json schema entry), else
-    # what is wrong with it, in a few words.
-    kind = rule["type"]
-    if kind == "bool":
-        if not isinstance(value, bool):
-            return "must be true or false, got %r" % (value,)
-    elif kind == "choice":
-        if value not in rule["values"]:
-            return "must be one of %s, got %r" % (", ".join(rule["values"]), value)
-    elif kind == "int":
-        if not isinstance(value, int) or isinstance(value, bool):
-            return "must be an integer, got %r" % (value,)
-        if not rule.get("min", value) <= value <= rule.get("max", value):
-            return "must be from %d to %d, got %d" % (rule["min"], rule["max"], value)
-    elif kind == "str":
-        if not isinstance(value, str):
-            return "must be a string, got %r" % (value,)
-        if not rule.get("min", 0) <= len(value) <= rule.get("max", len(value)):
-            return "must be %d to %d characters long" % (rule.get("min", 0), rule["max"])
-    elif kind == "id":
-        if not valid_id(value):
-            return "must match [A-Za-z0-9_-]{1,32}, got %r" % (value,)
-    elif kind == "list":
-        if not isinstance(value, list) or len(value) > rule["max"]:
-            return "must be a list of at most %d names" % rule["max"]
-        for item in value:
-            if not valid_id(item):
-                return "entries must match [A-Za-z0-9_-]{1,32}, got %r" % (item,)
-    return None
 
 
 def validate(raw, schema):
@@ -97,3 +61,44 @@ def load(schema, path=SETTINGS_FILE):
     except ValueError:
         raise SettingsError("%s: not valid JSON" % path)
     return validate(raw, schema)
+
+
+def load_retrying(schema, log):
+    # Retry with backoff until the settings are usable; one clear line each time.
+    delay = 1000
+    while True:
+        try:
+            return load(schema)
+        except SettingsError as e:
+            log("settings error: %s; retrying in %d s" % (e.args[0], delay // 1000))
+        sleep_ms(delay)
+        delay = min(delay * 2, 60000)
+
+
+def too_old(minimum, version=None):
+    # The MicroPython version when it is older than `minimum` ("1.22"), else None.
+    if version is None:
+        version = sys.implementation.version
+    wanted = tuple(int(part) for part in minimum.split("."))
+    return "%d.%d.%d" % tuple(version[:3]) if tuple(version[: len(wanted)]) < wanted else None
+
+
+def for_device(log):
+    # The settings, once usable, and the little of protocol.json a Device
+    # needs (the whole file is about 11 KB of heap as objects on the unix
+    # port). Said at every boot, then carried on: a MicroPython older than
+    # the firmware supports (most things may still work, and a board that
+    # refuses to start cannot be reached to update it).
+    protocol = load_protocol()
+    minimum = protocol.get("micropython_min")
+    old = minimum and too_old(minimum)
+    if old:
+        log("MicroPython %s is older than %s, the oldest this firmware supports: update the board's MicroPython" % (old, minimum))
+    return load_retrying(protocol["settings"], log), {
+        "firmware": protocol["firmware"],
+        "topic_root": protocol["topic_root"],
+        "topics": list(protocol["topics"]),
+        "fleet_topics": list(protocol["fleet_topics"]),
+        # Without the "about" texts, which are for people and cost heap.
+        "config": {key: {k: v for k, v in rule.items() if k != "about"} for key, rule in protocol["config"].items()},
+    }

@@ -34,14 +34,14 @@ def wait_for(check: Callable[[], T | None], what: str, timeout: float, every: fl
         time.sleep(every)
 
 
-def registered(nats_url: str, device_id: str) -> bool:
+def registered(nats_url: str, device_id: str, creds: str | None = None) -> bool:
     """Whether the gateway's registry has a record of the device (commands naming it are accepted)."""
     import nats
 
     from fleet.state.inventory import UnknownDevice, known_device
 
     async def check() -> bool:
-        nc = await nats.connect(nats_url)
+        nc = await (nats.connect(nats_url, user_credentials=creds) if creds else nats.connect(nats_url))
         try:
             await known_device(nc.jetstream(), device_id)
             return True

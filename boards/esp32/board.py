@@ -2,7 +2,7 @@
 import esp32
 import machine
 
-from netboard import NetworkedBoard, ssd1306_on_i2c
+from netboard import NetworkedBoard, reset, reset_cause_of, ssd1306_on_i2c, unique_id
 
 NAME = "esp32"
 TCP_NODELAY = (6, 1)  # lwIP's IPPROTO_TCP and TCP_NODELAY
@@ -17,12 +17,8 @@ _RESET_CAUSES = {
 }
 
 
-def unique_id():
-    return machine.unique_id()
-
-
 def reset_cause():
-    return _RESET_CAUSES.get(machine.reset_cause(), "other")
+    return reset_cause_of(_RESET_CAUSES)
 
 
 def safe_boot_requested():
@@ -34,15 +30,9 @@ def watchdog(timeout_ms):
     return machine.WDT(timeout=timeout_ms)
 
 
-def reset():
-    machine.reset()
-
-
 class Board(NetworkedBoard):
     def __init__(self, device_id):
-        super().__init__()
-        self.device_id = device_id
-        self.led_pin = machine.Pin(LED_PIN, machine.Pin.OUT)
+        super().__init__(device_id, LED_PIN)
 
     def temperature_c(self):
         # ESP32-S2/S3/C3 have mcu_temperature() in C; the original ESP32 only
@@ -56,6 +46,3 @@ class Board(NetworkedBoard):
     def display(self):
         # SSD1306 128x64 on I2C0: SDA GPIO21, SCL GPIO22, the usual ESP32 wiring.
         return ssd1306_on_i2c(0, 21, 22)
-
-    def led(self, on):
-        self.led_pin.value(1 if on else 0)

@@ -1,7 +1,7 @@
 # Board profile: Raspberry Pi Pico W (RP2040 + CYW43439 WiFi).
 import machine
 
-from netboard import NetworkedBoard, ssd1306_on_i2c
+from netboard import NetworkedBoard, reset, reset_cause_of, ssd1306_on_i2c, unique_id
 
 NAME = "pico_w"
 # lwIP's IPPROTO_TCP and TCP_NODELAY. If the port refuses the option, the
@@ -18,12 +18,8 @@ _RESET_CAUSES = {
 }
 
 
-def unique_id():
-    return machine.unique_id()
-
-
 def reset_cause():
-    return _RESET_CAUSES.get(machine.reset_cause(), "other")
+    return reset_cause_of(_RESET_CAUSES)
 
 
 def safe_boot_requested():
@@ -41,15 +37,9 @@ def watchdog(timeout_ms):
     return machine.WDT(timeout=min(timeout_ms, 8300))
 
 
-def reset():
-    machine.reset()
-
-
 class Board(NetworkedBoard):
     def __init__(self, device_id):
-        super().__init__()
-        self.device_id = device_id
-        self.led_pin = machine.Pin(LED_PIN, machine.Pin.OUT)
+        super().__init__(device_id, LED_PIN)
         self.adc = machine.ADC(TEMP_ADC)
 
     def wifi_connect(self, ssid, password):
@@ -66,6 +56,3 @@ class Board(NetworkedBoard):
     def display(self):
         # SSD1306 128x64 on I2C0: SDA GP4, SCL GP5 (3V3 and GND beside them).
         return ssd1306_on_i2c(0, 4, 5)
-
-    def led(self, on):
-        self.led_pin.value(1 if on else 0)

@@ -1,6 +1,6 @@
 """The rules of firmware/protocol.json's "settings" and "config" tables.
 
-They are the firmware's own check (firmware/settings.py, plain Python that
+They are the firmware's own check (firmware/rules.py, plain Python that
 CPython runs too), so the host refuses exactly what a board would refuse.
 """
 from __future__ import annotations
@@ -16,15 +16,15 @@ from fleet.paths import FIRMWARE_DIR
 ID_RULE = "[A-Za-z0-9_-]{1,32}"
 
 
-def _firmware_settings() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fleet._firmware_settings", FIRMWARE_DIR / "settings.py")
+def _firmware_rules() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("fleet._firmware_rules", FIRMWARE_DIR / "rules.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-_FIRMWARE = _firmware_settings()
+_FIRMWARE = _firmware_rules()
 
 
 def valid_id(value: Any) -> bool:

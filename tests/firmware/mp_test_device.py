@@ -36,7 +36,7 @@ def test_backoff_grows_exponentially_with_jitter_and_is_capped():
 
 
 def test_an_older_micropython_is_named_and_a_newer_one_is_not():
-    from device import too_old
+    from settings import too_old
 
     assert too_old("1.21", (1, 20, 0)) == "1.20.0"
     assert too_old("1.21", (1, 21, 0)) is None
@@ -68,7 +68,7 @@ def test_a_reading_refused_for_want_of_heap_is_counted_and_the_next_one_goes_in(
     assert device.record({"temp_c": 22})
     device.backlog.flush()
     count, size, _ = device.backlog.next_batch(4096)
-    start, end, last = device._lay_out(size, -1, 0)
+    start, end, last = device.forwarder.lay_out(size, -1, 0)
     records = json.loads(device.packet[start:end])["records"]
     assert [r["temp_c"] for r in records] == [20, 22], records  # nothing torn in between
 
@@ -79,9 +79,9 @@ def test_a_batch_is_laid_out_where_the_log_read_it_one_record_per_line():
         device.record({"n": i})
     device.backlog.flush()
     count, size, token = device.backlog.next_batch(4096)
-    at = device._payload_at
+    at = device.forwarder.payload_at
     first = bytes(device.packet[at + 6 : at + 16])  # the first record's body, where the log read it
-    start, end, last = device._lay_out(size, 7, 2)
+    start, end, last = device.forwarder.lay_out(size, 7, 2)
     assert count == 3 and last == 2 and end == at + size + 3
     payload = bytes(device.packet[start:end])
     lines = payload.split(b"\n")
@@ -92,10 +92,10 @@ def test_a_batch_is_laid_out_where_the_log_read_it_one_record_per_line():
 
 
 def test_a_record_s_seq_is_read_where_it_lies():
-    from device import _seq_of
+    from forwarder import seq_of
 
     packet = bytearray(b'xx{"seq": 4071, "ts": 1}{"seq": 9}')
-    assert _seq_of(packet, 2, 24) == 4071 and _seq_of(packet, 24, len(packet)) == 9
+    assert seq_of(packet, 2, 24) == 4071 and seq_of(packet, 24, len(packet)) == 9
 
 
 class _SentBatches:
@@ -126,12 +126,12 @@ def test_each_batch_says_exactly_how_many_readings_wait_behind_it():
     for i in range(40):  # readings of different sizes, so batches differ in count
         device.record({"note": "x" * (i % 7 * 9)})
     device.backlog.flush()
-    link = device.link = _SentBatches()
+    link = device.link = device.forwarder.link = _SentBatches()
     # No gateway acks: one window goes out, then the pass ends on the
     # timeout, which the device's clock (tick) makes it notice.
     async def one_pass():
         asyncio.create_task(device.tick())
-        await device._forward_batches(300, ticks_ms(), 0)
+        await device.forwarder.send_pass(300, ticks_ms(), 0)
 
     asyncio.run(one_pass())
     assert len(link.batches) == 4, link.batches
@@ -196,7 +196,8 @@ def test_after_a_soft_reboot_the_next_boot_finds_the_heap_the_first_one_had():
     # for want of them (17 KB at 128k).
     import gc
 
-    import device as firmware
+    import coldcode
+    import startup
 
     _run_once_and_return()
     free = []
@@ -207,14 +208,14 @@ def test_after_a_soft_reboot_the_next_boot_finds_the_heap_the_first_one_had():
         if len(free) == 2:
             raise KeyboardInterrupt  # the one exception main() lets out
         booted = _device()
-        firmware._let_go()  # as _new_device does
+        coldcode.let_go()  # as _new_device does
         booted.stopped = _StopsSoon()
         booted.reboot_requested = True
         return booted
 
-    firmware._new_device = next_device
+    startup._new_device = next_device
     try:
-        firmware.main()
+        startup.main()
     except KeyboardInterrupt:
         pass
     assert len(free) == 2 and free[1] >= free[0] - 1024, free
@@ -229,10 +230,11 @@ def test_the_device_is_built_once_protocol_json_is_gone():
     import gc
 
     import device as firmware
+    import startup
 
     with open("settings.json", "w") as f:
         f.write('{"wifi_ssid": "lab", "mqtt_host": "127.0.0.1", "device_id": "heap-1"}')
-    firmware._device_protocol()  # what it loads once, loaded
+    startup._device_settings()  # what it loads once, loaded
     gc.collect()
     before = gc.mem_alloc()
     alive = []
@@ -245,10 +247,13 @@ def test_the_device_is_built_once_protocol_json_is_gone():
 
     firmware.Device.__init__ = measured
     try:
-        firmware._new_device()
+        startup._new_device()
     finally:
         firmware.Device.__init__ = build
     assert alive[0] < 5000, alive
+    import sys
+
+    assert "settings" not in sys.modules  # the boot's code, let go of from source and .mpy alike
 
 
 def test_code_for_commands_configuration_and_queries_is_let_go_of_after_each_message():
@@ -258,9 +263,9 @@ def test_code_for_commands_configuration_and_queries_is_let_go_of_after_each_mes
     import gc
     import sys
 
-    import device as firmware
+    import coldcode
 
-    firmware._IN_PLACE = True  # these tests run the firmware from source
+    coldcode.IN_PLACE = True  # these tests run the firmware from source
     device = _device()
     sent = []
     device.link.publish = lambda topic, payload, retain=False, qos=0: sent.append((topic, json.loads(payload)))
@@ -275,7 +280,7 @@ def test_code_for_commands_configuration_and_queries_is_let_go_of_after_each_mes
         device.inbox.put((device.topics["display"], b"hello %d" % version, 0))
         _dispatch_all(device)
 
-    firmware._let_go()  # as _new_device does
+    coldcode.let_go()  # as _new_device does
     messages(1)  # the first time, from source, interns names for good
     gc.collect()
     before = gc.mem_alloc()
@@ -285,7 +290,7 @@ def test_code_for_commands_configuration_and_queries_is_let_go_of_after_each_mes
     assert device.config_version == 2 and device.led_on and device.info()["config"] == 2
     assert [body["match"] for topic, body in sent if topic == device.topics["answer"]] == [True]
     assert device.display_text == "hello 2"
-    assert not [name for name in firmware._COLD if name in sys.modules]
+    assert not [name for name in coldcode.COLD if name in sys.modules]
     sent.clear()
     gc.collect()
     assert gc.mem_alloc() - before < 512, gc.mem_alloc() - before
@@ -296,12 +301,12 @@ def test_from_mpy_files_the_code_for_commands_and_the_rest_is_imported_once_and_
     # for every message would churn (and fragment) the heap it saves.
     import sys
 
-    import device as firmware
+    import coldcode
 
-    assert not firmware._IN_PLACE  # from source, as from .mpy
-    assert all(name in sys.modules for name in firmware._COLD)
-    firmware._let_go()
-    assert all(name in sys.modules for name in firmware._COLD)
+    assert not coldcode.IN_PLACE  # from source, as from .mpy
+    assert all(name in sys.modules for name in coldcode.COLD)
+    coldcode.let_go()
+    assert all(name in sys.modules for name in coldcode.COLD)
 
 
 def _dispatch_all(device, until=None):
@@ -363,7 +368,7 @@ def test_a_command_whose_code_never_finds_heap_is_answered_failed_not_left_unans
 def test_batches_take_at_most_a_32nd_of_the_heap():
     import gc
 
-    from device import batch_bytes_for
+    from forwarder import batch_bytes_for
 
     assert batch_bytes_for(4096, 64 * 1024) == 2048  # the unix port at -X heapsize=64k
     assert batch_bytes_for(4096, 128 * 1024) == 4096

@@ -25,6 +25,7 @@ _device = None
 def _import():
     global settings, Device
     import settings
+    import startup  # as main.py does: the boot's code is on a board's heap too
     from device import Device
 
 
@@ -41,7 +42,7 @@ def _run():
         assert _device.record({"temp_c": 20 + i, "uptime_s": i})
     _device.backlog.flush()
     count, size, _ = _device.backlog.next_batch(4096)
-    _device._lay_out(size, -1, 0)
+    _device.forwarder.lay_out(size, -1, 0)
     assert count == 8, count
     assert _device.info()
     figures["packet_buffer"] = len(_device.packet)

@@ -8,8 +8,8 @@ Seeds stay in the folder, mode 0600; nothing here prints them.
 
 Folder layout (JWTs and state are public, *.nk are secrets):
     operator.nk  operator.jwt
+    system/account.nk  users.nk  account.jwt  state.json     (the system account)
     accounts/<tenant>/account.nk  users.nk  devices.nk  account.jwt  state.json
-    (the system account is the tenant "$SYS")
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ from fleet.broker.jwt import (
     new_operator_key,
     new_user_key,
     operator_jwt,
-    parse_creds,
     user_jwt,
     user_limits,
     write_secret,
@@ -151,16 +150,19 @@ class Authority:
 
     def __init__(self, folder: Path, operator_name: str = "fleet") -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        # Only its owner may list it; the seeds in it are 0600 besides.
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.operator = _load_or_create_key(self.folder / "operator.nk", new_operator_key)
         self._tenants: dict[str, Tenant] = {}
-        system = self._load_tenant(SYSTEM_TENANT)
+        system = self._load_tenant(SYSTEM_TENANT, self.folder / "system")
         operator_path = self.folder / "operator.jwt"
         if not operator_path.exists():
             operator_path.write_text(operator_jwt(self.operator, operator_name, system_account=system.public) + "\n")
-        for folder_of_tenant in sorted((self.folder / "accounts").iterdir()):
+        accounts = self.folder / "accounts"
+        accounts.mkdir(exist_ok=True)
+        for folder_of_tenant in sorted(accounts.iterdir()):
             if folder_of_tenant.is_dir():
-                self._load_tenant(folder_of_tenant.name)
+                self._load_tenant(folder_of_tenant.name, folder_of_tenant)
         if DEFAULT_TENANT not in self._tenants:
             self.add_tenant(DEFAULT_TENANT)
 
@@ -212,11 +214,11 @@ resolver_preload: {{
         if name == SYSTEM_TENANT or not valid_id(name):
             raise AuthorityError(f"not a valid tenant name: {name!r}")
         if name not in self._tenants:
-            self._load_tenant(name)
+            self._load_tenant(name, self.folder / "accounts" / name)
         return self._tenants[name].public
 
-    def _load_tenant(self, name: str) -> Tenant:
-        tenant = Tenant.load(name, self.folder / "accounts" / name)
+    def _load_tenant(self, name: str, folder: Path) -> Tenant:
+        tenant = Tenant.load(name, folder)
         self._tenants[name] = tenant
         if not tenant.jwt_path.exists():
             self._mint_account(tenant)
@@ -229,8 +231,9 @@ resolver_preload: {{
             raise AuthorityError(f"no tenant {name!r}; known: {', '.join(self.tenants())}") from None
 
     def _mint_account(self, tenant: Tenant) -> str:
-        # Never older than the last one: the resolver keeps the newest JWT it was given.
-        tenant.issued_at = max(int(time.time()), tenant.issued_at)
+        # Strictly newer than the last: the resolver (and its preload) replaces a JWT
+        # by one with an equal iat, so a stale copy from the same second would win.
+        tenant.issued_at = max(int(time.time()), tenant.issued_at + 1)
         if tenant.name == SYSTEM_TENANT:
             token = account_jwt(
                 self.operator, tenant.public, "SYS", jetstream=False,
@@ -274,6 +277,15 @@ resolver_preload: {{
         token = user_jwt(account.users_signer, user.public, name, issuer_account=account.public,
                          permissions=permissions, expires=expires)
         return format_creds(token, user.seed)
+
+    def issue_bearer(self, tenant: str, name: str, permissions: Permissions | None = None,
+                     expires: int | None = None) -> str:
+        """A bearer JWT for a host component's MQTT connection (the gateway's):
+        MQTT has no way to sign the server's nonce."""
+        account = self._tenant(tenant)
+        user = new_user_key()
+        return user_jwt(account.users_signer, user.public, name, issuer_account=account.public,
+                        permissions=permissions, bearer_token=True, expires=expires)
 
     def system_user_creds(self, name: str = "admin") -> str:
         """.creds for the system account: what pushes account JWT updates."""
@@ -325,6 +337,5 @@ __all__ = [
     "Tenant",
     "device_permissions",
     "device_template",
-    "parse_creds",
     "push_account_jwt",
 ]

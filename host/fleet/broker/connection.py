@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import nats
 from nats.aio.client import Client
@@ -31,8 +32,11 @@ async def connect(
     timeout: float = 5.0,
     reconnect_forever: bool = False,
     on_error: Callable[[Exception], Awaitable[None]] | None = None,
+    creds: str | Path | None = None,
 ) -> Client:
     """Connect within `timeout` seconds or raise NatsUnavailable.
+
+    `creds`: a .creds file (user JWT and seed) for a server in operator mode.
 
     With reconnect_forever the connection, once made, survives server
     restarts (the gateway); without it a lost connection is retried once
@@ -78,6 +82,7 @@ async def connect(
                 error_cb=remember_error,
                 disconnected_cb=disconnected,
                 reconnected_cb=reconnected,
+                **({"user_credentials": str(creds)} if creds is not None else {}),
             ),
             timeout,
         )

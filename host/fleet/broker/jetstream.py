@@ -28,7 +28,7 @@ def device_stream(
 ) -> api.StreamConfig:
     """The stream of one device topic from every board (fleet.*.<topic>): on
     file, kept by limits, the oldest dropped first when a limit is reached."""
-    return api.StreamConfig(
+    config = api.StreamConfig(
         name=name,
         description=description,
         subjects=[nats_subject("*", topic)],
@@ -37,9 +37,13 @@ def device_stream(
         discard=api.DiscardPolicy.OLD,
         max_age=max_age,
         max_bytes=max_bytes,
-        max_msgs_per_subject=max_msgs_per_subject,
-        duplicate_window=duplicate_window,
     )
+    # Left as nats-py leaves them unless given (the server's defaults).
+    if max_msgs_per_subject is not None:
+        config.max_msgs_per_subject = max_msgs_per_subject
+    if duplicate_window is not None:
+        config.duplicate_window = duplicate_window
+    return config
 
 
 async def ensure_bucket(

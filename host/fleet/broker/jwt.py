@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import nacl.exceptions
 import nacl.signing
@@ -138,17 +138,18 @@ def decode_jwt(token: str, verify: bool = True) -> Claims:
         raise JwtError("a JWT has three dot-separated parts")
     try:
         header = json.loads(_unb64(parts[0]))
-        claims = json.loads(_unb64(parts[1]))
+        body: Any = json.loads(_unb64(parts[1]))
         signature = _unb64(parts[2])
     except (binascii.Error, ValueError) as e:
         raise JwtError("JWT parts are not base64url JSON") from e
     if header != _HEADER:
         raise JwtError(f"not a NATS v2 JWT header: {header}")
-    if not isinstance(claims, dict):
+    if not isinstance(body, dict):
         raise JwtError("JWT claims are not an object")
+    claims = cast(Claims, body)
     if verify and not verify_signature(str(claims.get("iss", "")), f"{parts[0]}.{parts[1]}".encode(), signature):
         raise JwtError("JWT signature does not verify against its issuer")
-    return claims  # pyright: ignore[reportUnknownVariableType]
+    return claims
 
 
 def _claims(subject: str, name: str, kind: str, nats: Claims, expires: int | None) -> Claims:

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fleet.broker.accounts import DEFAULT_TENANT, Authority
+from fleet.broker.jwt import write_secret
 from fleet.errors import FleetError
 from fleet.paths import nats_server_executable
 
@@ -37,6 +39,9 @@ class NatsServer:
     mqtt_port: int = -1
     server_name: str = "fleet"
     jetstream_max_store: str | None = None
+    # Operator mode: every client needs credentials this authority signed
+    # (None: the server is open, as a user's own test server may be).
+    authority: Authority | None = None
     log_path: Path = field(init=False)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
@@ -66,9 +71,40 @@ jetstream {{
 mqtt {{
   listen: "{self.host}:{self.mqtt_port}"
 }}
-"""
+{self._auth_config()}"""
         )
         return self.config_path
+
+    def _auth_config(self) -> str:
+        # Account updates (revocations, tenants) are pushed to the resolver,
+        # never by a reload: in operator mode a reload deletes every
+        # retained MQTT message.
+        if self.authority is None:
+            return ""
+        return self.authority.server_config_fragment(self.data_dir / "resolver")
+
+    def creds_file(self, name: str, tenant: str = DEFAULT_TENANT) -> Path:
+        """The .creds file of host component `name` (gateway, cli, ...), made
+        on first use in the data folder, readable by its owner only."""
+        if self.authority is None:
+            raise ServerError("this server runs without authentication: no credentials to give")
+        path = self.data_dir / "creds" / tenant / f"{name}.creds"
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_secret(path, self.authority.issue_user(tenant, name))
+        return path
+
+    def bearer_jwt(self, name: str, tenant: str = DEFAULT_TENANT) -> str:
+        """A host component's MQTT password: MQTT cannot sign the server's nonce."""
+        if self.authority is None:
+            raise ServerError("this server runs without authentication: no credentials to give")
+        return self.authority.issue_bearer(tenant, name)
+
+    def device_jwt(self, device_id: str, tenant: str = DEFAULT_TENANT) -> str:
+        """A board's MQTT password: its own identity, its own topics only."""
+        if self.authority is None:
+            raise ServerError("this server runs without authentication: no credentials to give")
+        return self.authority.issue_device(tenant, device_id)
 
     def start(self, timeout: float = 20.0) -> "NatsServer":
         if self.process and self.process.poll() is None:

@@ -327,13 +327,13 @@ async def follow(
     return await tail(nats_url, device, last=last, follow=True, limit=limit, on_reading=on_reading, timeout=timeout)
 
 
-async def stored(nats_url: str, device: str | None, *, timeout: float = 5.0) -> list[Reading]:
+async def stored(nats_url: str, device: str | None, *, timeout: float = 5.0, creds: str | None = None) -> list[Reading]:
     """Every telemetry message of `device` (None: all) stored right now, oldest first.
 
     Unlike tail(), an id nobody knows is no error here: it has no readings."""
     _check_device_id(device)
     subject = nats_subject(device or "*", "telemetry")
-    nc = await connect(nats_url, name="fleet-tail", timeout=timeout)
+    nc = await connect(nats_url, name="fleet-tail", timeout=timeout, creds=creds)
     try:
         js = nc.jetstream(timeout=timeout)
         await _stream_exists(js, nats_url)

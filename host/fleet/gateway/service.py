@@ -87,6 +87,7 @@ _LIST_TIMEOUT = 5.0
 @dataclass(frozen=True)
 class GatewayConfig:
     nats_url: str
+    nats_creds: str | None = None  # a .creds file, for a server in operator mode
     telemetry_max_age: float = 7 * 24 * 3600.0  # seconds
     telemetry_max_bytes: int = 1 << 30
     duplicate_window: float = 120.0  # seconds
@@ -222,6 +223,7 @@ class Gateway:
             timeout=self.config.connect_timeout,
             reconnect_forever=True,
             on_error=self._on_connection_error,
+            creds=self.config.nats_creds,
         )
         try:
             self._js = self._nc.jetstream()

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,10 @@ class Simulator:
     # VM's CLOCK_MONOTONIC (tools/ticks_offset.c, built by `make setup`).
     # None: the port's own ticks.
     ticks_before_wrap_ms: int | None = None
+    # A server in operator mode: each board gets its own identity, as
+    # `fleet provision` gives a real one (its id as MQTT username, a JWT
+    # for its own topics as password). Called with the device id.
+    credentials: Callable[[str], str] | None = None
     devices: dict[str, SimDevice] = field(default_factory=dict)
     proxies: dict[str, LinkProxy] = field(default_factory=dict)
     _proxy_loop: ProxyLoop | None = None
@@ -134,6 +139,9 @@ class Simulator:
             "mqtt_host": self.mqtt_host,
             "mqtt_port": self._device_port(device_id),
         }
+        if self.credentials is not None and not merged.get("mqtt_password"):
+            merged["mqtt_user"] = device_id
+            merged["mqtt_password"] = self.credentials(device_id)
         self.write_settings(device_id, merged)
         return device
 

@@ -51,7 +51,7 @@ def config_schema() -> dict[str, dict[str, Any]]:
 
 def check_value(key: str, value: Any) -> None:
     """Raise ConfigError unless the board would accept `value` for `key`
-    (the same rules as firmware/settings.py check)."""
+    (the same rules as firmware/rules.py check)."""
     schema = config_schema()
     if key not in schema:
         raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(schema))})")
