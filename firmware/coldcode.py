@@ -1,32 +1,33 @@
 # Code a board runs only now and then: a command, a configuration, a
 # query (and the rules the configuration is checked by).
 #
-# Run in place from a ROM image, it is imported where it is used and let
-# go of once that message, or the boot, is done (let_go): its functions
-# and classes, about 6 KB of heap on the unix port, go back to the heap
-# instead of staying for good, and importing it again is cheap (its names
-# stay interned; its code never leaves the image). From .mpy files an
-# import copies the module's code into the heap, so it is imported once,
-# here, before the Device asks for its buffers, and kept. (The boot's own
-# code, settings.py, is let go of in both cases: see startup.py.)
-# docs/ARCHITECTURE.md, "Memory", has the figures.
+# Compiled, as every board runs it, it is imported for the message that
+# needs it and let go of once that message is done (let_go), so between
+# messages it takes no heap. Run in place from a ROM image, an import
+# allocates only the functions and classes, about 6 KB on the unix port,
+# and costs 20-100 us. From .mpy files it copies the code into the heap
+# too: about 14 KB kept for good otherwise, the difference between a
+# board that runs in a 100 KB heap and one that does not
+# (docs/BENCHMARKS.md). From source (the simulator's default) an import
+# compiles, which needs far more heap than it frees: imported once, here,
+# before the Device asks for its buffers, and kept.
 import asyncio
 import sys
 
 from micropython import const
 
 COLD = ("commands", "config", "query", "rules")
-IN_PLACE = __file__.startswith("/rom/")
+FROM_SOURCE = __file__.endswith(".py")
 _TRIES = const(5)
 _RETRY_MS = const(200)
 
-if not IN_PLACE:
+if FROM_SOURCE:
     for _name in COLD:
         __import__(_name)
 
 
 def let_go():
-    if IN_PLACE:
+    if not FROM_SOURCE:
         for name in COLD:
             sys.modules.pop(name, None)
 

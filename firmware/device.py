@@ -18,7 +18,7 @@ from link import Link
 from state import DeviceState
 from telemetry import Telemetry
 
-import coldcode  # last: from .mpy it imports the cold code, after what always runs
+import coldcode  # last: from source it imports the cold code, after what always runs
 
 _TICK_MS = const(250)  # see tick()
 

@@ -272,6 +272,12 @@ def test_a_board_runs_from_the_compiled_mpy_files(
     compiled = sorted(p.name for p in (simulator.data_dir / "mpy").iterdir())
     assert "device.mpy" in compiled and "board.mpy" in compiled and "device.py" not in compiled
     wait_for(lambda: len(stored_readings(server.url, "sim-001")) >= 3, "readings from the .mpy board", 15)
+    # Command code is imported from its .mpy file for each command and let
+    # go of after it (coldcode.let_go): twice, to see it come back.
+    for name, args, result in (("display", {"text": "from .mpy"}, {"shown": "from .mpy"}), ("ping", {}, "pong")):
+        (sent,) = asyncio.run(send(server.url, name, args, device="sim-001"))
+        done = wait_for(lambda: (r := asyncio.run(status(server.url, sent.id))).final and r, f"{name} to finish", 20)
+        assert done.state == "succeeded" and done.result == result, done
 
 
 def test_a_board_runs_in_place_from_a_rom_image(
@@ -286,7 +292,7 @@ def test_a_board_runs_in_place_from_a_rom_image(
     assert not [p.name for p in device.flash_dir.iterdir() if p.suffix in (".py", ".mpy")]
     wait_for(lambda: len(stored_readings(server.url, "sim-001")) >= 3, "readings from the ROM board", 15)
     # Command code is imported from the image for each command and let go
-    # of after it (device._let_go): twice, to see it come back.
+    # of after it (coldcode.let_go): twice, to see it come back.
     for name, args, result in (("display", {"text": "from ROM"}, {"shown": "from ROM"}), ("ping", {}, "pong")):
         (sent,) = asyncio.run(send(server.url, name, args, device="sim-001"))
         done = wait_for(lambda: (r := asyncio.run(status(server.url, sent.id))).final and r, f"{name} to finish", 20)
