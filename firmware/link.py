@@ -93,7 +93,7 @@ class Link:
         self.up = asyncio.Event()
         self.connects = 0
         self.last_error = None
-        self.refused = False  # the last connect's credentials were refused (see run)
+        self.credentials_refused = False  # the last connect was refused them (see run)
         self.on_up = None  # called after every (re)connect, once the birth is out
         # send()'s packets on this connection, and the PUBACKs for them so
         # far: the broker sends those in order (MQTT 3.1.1, 4.6).
@@ -176,7 +176,7 @@ class Link:
             except Exception as e:  # LINK_ERRORS, or MemoryError mid-packet: the connection is unusable
                 self._drop(e)
             low, high = self.settings["reconnect_min_ms"], self.settings["reconnect_max_ms"]
-            if self.refused:
+            if self.credentials_refused:
                 low, high = max(low, _REFUSED_MIN_MS), max(high, _REFUSED_MAX_MS)
             delay = backoff_ms(attempt, low, high)
             attempt += 1
@@ -250,7 +250,7 @@ class Link:
                 # SUBACK 0x80: not this board's topic by its credentials.
                 # The rest still works; said once per connection.
                 self.log("link: subscription to %s refused by the broker (code %s): are these credentials this board's?"
-                         % (topic.decode() if isinstance(topic, bytes) else topic, e.args[0]))
+                         % (topic.decode(), e.args[0]))
         if self.birth:
             birth = self.birth() if callable(self.birth) else self.birth
             client.publish(self.status_topic, birth, True, 1)
@@ -316,7 +316,7 @@ class Link:
 
     def _drop(self, error):
         self.last_error = describe(error)
-        self.refused = refused(error)
+        self.credentials_refused = refused(error)
         self.connected = False
         self.up.clear()
         if self.sock:

@@ -269,23 +269,25 @@ resolver_preload: {{
         account.save_state()
         return token
 
-    def issue_user(self, tenant: str, name: str, permissions: Permissions | None = None,
-                   expires: int | None = None) -> str:
-        """.creds text for a host component (gateway, cli); no permissions: the whole account."""
+    def _host_user(self, tenant: str, name: str, permissions: Permissions | None, expires: int | None,
+                   bearer: bool) -> tuple[str, str]:
+        # (JWT, seed) of a new host user of the tenant, signed by its users' key.
         account = self._tenant(tenant)
         user = new_user_key()
         token = user_jwt(account.users_signer, user.public, name, issuer_account=account.public,
-                         permissions=permissions, expires=expires)
-        return format_creds(token, user.seed)
+                         permissions=permissions, bearer_token=bearer, expires=expires)
+        return token, user.seed
+
+    def issue_user(self, tenant: str, name: str, permissions: Permissions | None = None,
+                   expires: int | None = None) -> str:
+        """.creds text for a host component (gateway, cli); no permissions: the whole account."""
+        return format_creds(*self._host_user(tenant, name, permissions, expires, bearer=False))
 
     def issue_bearer(self, tenant: str, name: str, permissions: Permissions | None = None,
                      expires: int | None = None) -> str:
         """A bearer JWT for a host component's MQTT connection (the gateway's):
         MQTT has no way to sign the server's nonce."""
-        account = self._tenant(tenant)
-        user = new_user_key()
-        return user_jwt(account.users_signer, user.public, name, issuer_account=account.public,
-                        permissions=permissions, bearer_token=True, expires=expires)
+        return self._host_user(tenant, name, permissions, expires, bearer=True)[0]
 
     def system_user_creds(self, name: str = "admin") -> str:
         """.creds for the system account: what pushes account JWT updates."""

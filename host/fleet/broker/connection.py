@@ -82,7 +82,7 @@ async def connect(
                 error_cb=remember_error,
                 disconnected_cb=disconnected,
                 reconnected_cb=reconnected,
-                **({"user_credentials": str(creds)} if creds is not None else {}),
+                user_credentials=None if creds is None else str(creds),
             ),
             timeout,
         )

@@ -83,28 +83,28 @@ mqtt {{
             return ""
         return self.authority.server_config_fragment(self.data_dir / "resolver")
 
+    def _signer(self) -> Authority:
+        if self.authority is None:
+            raise ServerError("this server runs without authentication: no credentials to give")
+        return self.authority
+
     def creds_file(self, name: str, tenant: str = DEFAULT_TENANT) -> Path:
         """The .creds file of host component `name` (gateway, cli, ...), made
         on first use in the data folder, readable by its owner only."""
-        if self.authority is None:
-            raise ServerError("this server runs without authentication: no credentials to give")
+        authority = self._signer()
         path = self.data_dir / "creds" / tenant / f"{name}.creds"
         if not path.exists():
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_secret(path, self.authority.issue_user(tenant, name))
+            write_secret(path, authority.issue_user(tenant, name))
         return path
 
     def bearer_jwt(self, name: str, tenant: str = DEFAULT_TENANT) -> str:
         """A host component's MQTT password: MQTT cannot sign the server's nonce."""
-        if self.authority is None:
-            raise ServerError("this server runs without authentication: no credentials to give")
-        return self.authority.issue_bearer(tenant, name)
+        return self._signer().issue_bearer(tenant, name)
 
     def device_jwt(self, device_id: str, tenant: str = DEFAULT_TENANT) -> str:
         """A board's MQTT password: its own identity, its own topics only."""
-        if self.authority is None:
-            raise ServerError("this server runs without authentication: no credentials to give")
-        return self.authority.issue_device(tenant, device_id)
+        return self._signer().issue_device(tenant, device_id)
 
     def start(self, timeout: float = 20.0) -> "NatsServer":
         if self.process and self.process.poll() is None:
